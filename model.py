@@ -1,0 +1,430 @@
+"""Llama-3.x / Qwen2.x decoder in plain PyTorch, Hugging Face checkpoint I/O, token log-probs.
+
+Module names match the HF checkpoints, so loading is a strict key copy from (sharded) safetensors.
+One forward serves every use:
+  - `model(ids)` with ids `(B, T)`: logits `(B, T, vocab)` (every row a full sequence);
+  - packed: ids `(N,)` holding all sequences back to back, `positions (N,)`, `cu_seqlens (S+1,)`
+    int32 and `max_seqlen`: no padding anywhere (training and scoring use this);
+  - `targets=` turns the output into per-token log-probs (and entropy) computed in chunks, so no
+    `[tokens, vocab]` float32 tensor exists; `select=` keeps only some rows' logits (prefill);
+  - `cache=` (rollout.KVCache) hands attention to the cache, which stores k/v and attends over it;
+  - a model built with a value head (PPO critic) returns one value per token instead.
+Attention backend: flash-attn's varlen kernel on CUDA in fp16/bf16 when importable, else SDPA with
+an explicit block-diagonal causal mask. `use_flash` is the one switch (tests inject a double).
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:
+    import flash_attn as FLASH  # optional, CUDA only
+except ImportError:
+    FLASH = None
+
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+def use_flash(x: torch.Tensor) -> bool:
+    """The one place that picks the attention backend (the flash-attn test double runs on CPU)."""
+    if FLASH is None:
+        return False
+    if getattr(FLASH, "IS_TEST_DOUBLE", False):
+        return True
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ModelConfig:
+    arch: str  # "llama" or "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # llama3 scaling parameters, or None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    value_head: bool = False  # PPO critic: a scalar head instead of logits
+    raw: dict = field(default_factory=dict, repr=False)  # config.json as read, written back on save
+
+    @classmethod
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
+        arch = ARCHS.get((cfg.get("architectures") or [""])[0])
+        if arch is None:
+            raise ValueError(f"{where}: unsupported architecture {cfg.get('architectures')}; "
+                             f"medrl supports {sorted(ARCHS)}")
+        if cfg.get("mlp_bias") or cfg.get("use_sliding_window"):
+            raise ValueError(f"{where}: mlp_bias / sliding-window attention are not supported")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{where}: rope type {rope_type!r} is not supported (default, llama3)")
+        if rope_type == "llama3":
+            rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+        heads = cfg["num_attention_heads"]
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            arch=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or attention_bias, o_bias=arch == "llama" and attention_bias,
+            value_head=bool(cfg.get("medrl_value_head", False)), raw=dict(cfg))
+
+    def to_hf(self) -> dict:
+        """config.json readable by transformers 4 (rope_theta/rope_scaling) and 5 (rope_parameters)."""
+        cfg = dict(self.raw)
+        cfg.update(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                   intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+                   num_attention_heads=self.num_attention_heads, head_dim=self.head_dim,
+                   num_key_value_heads=self.num_key_value_heads, rms_norm_eps=self.rms_norm_eps,
+                   tie_word_embeddings=self.tie_word_embeddings, rope_theta=self.rope_theta)
+        scaling = dict(self.rope_scaling, rope_type="llama3") if self.rope_scaling else None
+        cfg["rope_scaling"] = scaling
+        cfg["rope_parameters"] = dict(scaling or {"rope_type": "default"}, rope_theta=self.rope_theta)
+        cfg["architectures"] = [{v: k for k, v in ARCHS.items()}[self.arch]]
+        cfg["model_type"] = self.arch
+        if self.value_head:
+            cfg["medrl_value_head"] = True
+        return cfg
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse rotary frequencies `(head_dim/2,)`, with Llama-3's long-context rescaling if set."""
+    d = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if cfg.rope_scaling is None:
+        return inv.float()
+    s = cfg.rope_scaling
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+    scaled = (1 - smooth) * inv / factor + smooth * inv
+    return scaled.float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved ("rotate half") rotary embedding. x (N, H, D); cos/sin (N, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]  # (N, 1, D/2)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """Causal attention within each packed sequence. q (N, H, D), k/v (N, Hkv, D) -> (N, H, D)."""
+    if use_flash(q):
+        return FLASH.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                            causal=True)
+    n = q.shape[0]
+    seg = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=q.device),
+                                  cu_seqlens.diff().long(), output_size=n)  # (N,) sequence index
+    idx = torch.arange(n, device=q.device)
+    mask = (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])  # (N, N) block causal
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, enable_gqa=True)  # (H, N, D)
+    return out.transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.h, self.hkv, self.d = (layer_idx, cfg.num_attention_heads,
+                                                    cfg.num_key_value_heads, cfg.head_dim)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache):
+        n = x.shape[0]
+        q = rotate(self.q_proj(x).view(n, self.h, self.d), cos, sin)  # (N, H, D)
+        k = rotate(self.k_proj(x).view(n, self.hkv, self.d), cos, sin)  # (N, Hkv, D)
+        v = self.v_proj(x).view(n, self.hkv, self.d)  # (N, Hkv, D)
+        if cache is not None:
+            out = cache.attend(self.layer_idx, q, k, v)
+        else:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+        return self.o_proj(out.reshape(n, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Trunk(nn.Module):
+    """Named `model` inside the causal LM, as in HF checkpoints."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Trunk(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.value_head:
+            self.value_head = nn.Linear(cfg.hidden_size, 1)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+        self.generation_config: dict = {}  # generation_config.json as read, written back on save
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions=None, cu_seqlens=None, max_seqlen=None, *, cache=None,
+                select=None, targets=None, temperature=1.0, entropy=False):
+        """See the module docstring. Returns logits, values, or (logprobs, entropy|None)."""
+        batch_shape = None
+        if cu_seqlens is None and cache is None:  # (B, T) full rows
+            batch_shape = input_ids.shape
+            b, t = batch_shape
+            input_ids = input_ids.reshape(-1)
+            positions = torch.arange(t, device=input_ids.device).repeat(b)
+            cu_seqlens = torch.arange(0, b * t + 1, t, device=input_ids.device, dtype=torch.int32)
+            max_seqlen = t
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (N, D/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        x = self.model.embed_tokens(input_ids)  # (N, hidden)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache)
+        x = self.model.norm(x)
+        if select is not None:
+            x = x[select]
+        if self.config.value_head:
+            return self.value_head(x).squeeze(-1).float()  # (N,)
+        if targets is not None:
+            return token_logprobs(x, self.lm_head.weight, targets, temperature, entropy)
+        logits = self.lm_head(x)
+        return logits.view(*batch_shape, -1) if batch_shape is not None else logits
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def _chunk_stats(h, weight, targets, temperature: float, want_entropy: bool):
+    logits = (h @ weight.t()).float() / temperature  # (C, V): one chunk only
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not want_entropy:
+        return logp, torch.zeros_like(logp)
+    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, ent
+
+
+def token_logprobs(hidden, weight, targets, temperature: float = 1.0, entropy: bool = False,
+                   chunk: int = 1024):
+    """log softmax(hidden @ weight.T / temperature)[targets] (and entropy), chunk by chunk.
+
+    Each chunk runs under activation checkpointing, so neither the forward nor the backward keeps
+    more than one `(chunk, vocab)` float32 block alive. hidden (N, H), targets (N,) -> (N,), (N,).
+    """
+    logps, ents = [], []
+    for i in range(0, hidden.shape[0], chunk):
+        args = (hidden[i:i + chunk], weight, targets[i:i + chunk], temperature, entropy)
+        if torch.is_grad_enabled():
+            lp, en = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            lp, en = _chunk_stats(*args)
+        logps.append(lp)
+        ents.append(en)
+    return torch.cat(logps), (torch.cat(ents) if entropy else None)
+
+
+def pack(seqs: list[list[int]], device="cpu"):
+    """Token lists -> (ids (N,), positions (N,), cu_seqlens (S+1,) int32, max_seqlen)."""
+    lens = [len(s) for s in seqs]
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(n) for n in lens]).to(device)
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    return ids, positions, cu, max(lens)
+
+
+# ----------------------------------------------------------------------------- checkpoint I/O
+
+def resolve(name_or_path: str) -> str:
+    """A local directory as is; otherwise a hub id, downloaded (weights, config, tokenizer) once."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+
+
+def read_state_dict(path: str) -> dict:
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return state
+
+
+def check_keys(model: CausalLM, state: dict, path: str, value_head_new: bool):
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)  # some tied checkpoints still store it
+    if value_head_new:
+        expected.pop("value_head.weight", None), expected.pop("value_head.bias", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+              for k in expected if k in state and state[k].shape != expected[k]]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: weights do not match the config: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}, shape mismatches {shapes[:10]}")
+
+
+def load_model(name_or_path: str, device="cpu", dtype=torch.float32, value_head: bool = False):
+    """Build the model from an HF checkpoint (local dir or hub id). `value_head=True` adds a
+    freshly initialised scalar head (PPO critic) unless the checkpoint already has one."""
+    path = resolve(name_or_path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{path}: no config.json")
+    with open(cfg_file) as f:
+        cfg = ModelConfig.from_hf(json.load(f), cfg_file)
+    head_new = value_head and not cfg.value_head
+    cfg.value_head = cfg.value_head or value_head
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    state = read_state_dict(path)
+    check_keys(model, state, path, head_new)
+    if head_new:  # zero-init so initial values are 0 whatever the trunk says
+        state["value_head.weight"] = torch.zeros(1, cfg.hidden_size)
+        state["value_head.bias"] = torch.zeros(1)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    model.tie_weights()
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    gen = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen):
+        with open(gen) as f:
+            model.generation_config = json.load(f)
+    return model
+
+
+def save_model(model: CausalLM, tokenizer, out_dir: str, state_dict: dict | None = None,
+               max_shard_bytes: int = 5 * 2**30):
+    """Write an HF checkpoint (config, safetensors shards + index, tokenizer) atomically.
+
+    `state_dict` lets a distributed caller pass the gathered full state dict (rank 0 only)."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    shards, cur, size = [], {}, 0
+    for k in sorted(state):
+        nbytes = state[k].numel() * state[k].element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = state[k], size + nbytes
+    shards.append(cur)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    cfg = dict(model.config.to_hf(), torch_dtype=dtype, dtype=dtype)
+    _write_json(os.path.join(tmp, "config.json"), cfg)
+    if model.generation_config:
+        _write_json(os.path.join(tmp, "generation_config.json"), model.generation_config)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, out_dir)
+
+
+def _write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _replace_dir(tmp: str, out_dir: str):
+    """Swap a finished temp dir into place; an existing out_dir is removed only after."""
+    old = out_dir.rstrip("/") + ".old"
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)

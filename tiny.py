@@ -1,0 +1,88 @@
+"""Tiny random-init HF checkpoints with an offline-built tokenizer and chat template.
+
+Tests, the CPU demo (`--model tiny`) and the benchmarks use these: nothing is downloaded.
+`make_tiny_checkpoint(out_dir, arch="llama")` writes a Llama-3-style model (GQA, llama3 rope
+scaling, untied head, `<|eot_id|>` turn end); `arch="qwen2"` a Qwen2-style one (q/k/v bias, tied
+embeddings, ChatML `<|im_end|>` turn end). Keyword overrides change any config.json field.
+"""
+import torch
+import torch.nn as nn
+
+from model import CausalLM, ModelConfig, RMSNorm, save_model
+
+SPECIALS = {
+    "llama": dict(bos="<|begin_of_text|>", eos="<|end_of_text|>", eot="<|eot_id|>",
+                  extra=["<|start_header_id|>", "<|end_header_id|>"]),
+    "qwen2": dict(bos=None, eos="<|endoftext|>", eot="<|im_end|>", extra=["<|im_start|>"]),
+}
+TEMPLATES = {
+    "llama": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+              "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    "qwen2": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+}
+# Text the byte-level BPE learns its merges from: the words of the prompts and answers it will see.
+CORPUS = [
+    "Question: Which organ pumps blood through the body?\n\nOptions:\nA. heart\nB. lung\n"
+    "C. liver\nD. kidney\n\nPlease reason step by step, and put the final answer in \\boxed{}.",
+    "The answer is \\boxed{A}. The answer is \\boxed{B}. The answer is \\boxed{C}. \\boxed{D}",
+    "<think> The patient has a fever and a cough. </think> <answer> B </answer>",
+    "A conversation between User and Assistant. The Assistant first thinks about the reasoning "
+    "process and then provides the answer, in <think> </think> and <answer> </answer> tags.",
+    "system user assistant patient disease treatment diagnosis symptoms drug dose infection",
+]
+
+
+def tiny_tokenizer(arch: str = "llama", vocab_size: int = 384):
+    """Byte-level BPE (any text encodes) with the arch's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    sp = SPECIALS[arch]
+    specials = [t for t in (sp["bos"], sp["eos"], sp["eot"], *sp["extra"]) if t]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=sp["bos"], eos_token=sp["eos"],
+                                   pad_token=sp["eos"], chat_template=TEMPLATES[arch])
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides) -> dict:
+    cfg = dict(architectures=["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+               model_type=arch, vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               rms_norm_eps=1e-5, max_position_embeddings=1024, hidden_act="silu",
+               initializer_range=0.02)
+    if arch == "llama":
+        cfg.update(tie_word_embeddings=False, attention_bias=False, rope_theta=10000.0,
+                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=64))
+    else:
+        cfg.update(tie_word_embeddings=True, rope_theta=10000.0, use_sliding_window=False)
+    cfg.update(overrides)
+    return cfg
+
+
+def make_tiny_checkpoint(out_dir: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
+    """Write a random-init checkpoint (weights ~ N(0, 0.02), biases too) and return out_dir."""
+    tok = tiny_tokenizer(arch)
+    vocab = overrides.pop("vocab_size", (len(tok) + 63) // 64 * 64)
+    cfg = tiny_config(arch, vocab, **overrides)
+    sp = SPECIALS[arch]
+    cfg.update(bos_token_id=tok.convert_tokens_to_ids(sp["bos"]) if sp["bos"] else None,
+               eos_token_id=tok.convert_tokens_to_ids(sp["eos"]))
+    torch.manual_seed(seed)
+    model = CausalLM(ModelConfig.from_hf(cfg))
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.02)
+    for m in model.modules():  # norms start at 1 as in real checkpoints
+        if isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+    model.tie_weights()
+    model.generation_config = dict(bos_token_id=cfg["bos_token_id"],
+                                   eos_token_id=[cfg["eos_token_id"], tok.convert_tokens_to_ids(sp["eot"])])
+    save_model(model, tok, out_dir)
+    return out_dir
