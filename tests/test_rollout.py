@@ -1,0 +1,160 @@
+"""rollout.py: exact greedy decoding, cache == no cache, log-probs, reproducibility, sampling sets."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import model as M
+import rollout as R
+from tiny import make_tiny_checkpoint
+
+PROMPTS = [[5, 17, 33, 2, 9], [40], [7, 7, 7, 100, 250, 31, 8, 64, 12, 90, 11], [300, 1, 2]]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: make_tiny_checkpoint(str(root / arch), arch, seed=3) for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def llama(ckpts):
+    return M.load_model(ckpts["llama"]).eval()
+
+
+def greedy_uncached(m, prompt, steps):
+    """Reference: a full forward over the whole sequence for every new token."""
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_equals_transformers_generate(ckpts, arch):
+    m = M.load_model(ckpts[arch])
+    hf = AutoModelForCausalLM.from_pretrained(ckpts[arch], dtype=torch.float32).eval()
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                      min_new_tokens=12, pad_token_id=0)[:, width:]
+    out = R.generate(m, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[], progress=False)
+    assert [s.response_ids for s in out] == ref.tolist()
+    assert all(s.finish_reason == "length" and len(s.logprobs) == 12 for s in out)
+
+
+def test_cached_equals_uncached(llama):
+    out = R.generate(llama, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[], progress=False)
+    assert [s.response_ids for s in out] == [greedy_uncached(llama, p, 10) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_training_logprobs(llama, temperature):
+    out = R.generate(llama, PROMPTS, n=3, max_new_tokens=9, temperature=temperature, seed=5,
+                     progress=False)
+    seqs = [s.prompt_ids + s.response_ids for s in out]
+    ids, pos, cu, mx = M.pack(seqs)
+    logp, _ = llama(ids, pos, cu, mx, targets=torch.roll(ids, -1), temperature=temperature)
+    for i, s in enumerate(out):
+        start, end = int(cu[i]) + len(s.prompt_ids) - 1, int(cu[i + 1]) - 1
+        assert torch.allclose(logp[start:end], torch.tensor(s.logprobs), atol=1e-4)
+
+
+def test_same_seed_same_samples_whatever_the_batching(llama):
+    kw = dict(n=4, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=11, progress=False)
+    many = R.generate(llama, PROMPTS, **kw)
+    one_slot = R.generate(llama, PROMPTS, max_cache_tokens=19, **kw)  # 1 slot: 11 + 8 tokens
+    few = R.generate(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)  # 3 slots: groups split
+    key = lambda samples: [(s.prompt_idx, s.sample_idx, s.response_ids) for s in samples]
+    assert key(many) == key(one_slot) == key(few)
+    assert [s.prompt_idx for s in many] == [i for i in range(4) for _ in range(4)]
+    other = R.generate(llama, PROMPTS, **dict(kw, seed=12))
+    assert key(other) != key(many)
+
+
+def test_samples_of_a_prompt_are_independent(llama):
+    out = R.generate(llama, [PROMPTS[0]], n=8, max_new_tokens=6, temperature=1.0, progress=False)
+    assert len({tuple(s.response_ids) for s in out}) == 8
+
+
+def test_stop_token_ends_completion(llama):
+    greedy = R.generate(llama, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[],
+                        progress=False)
+    stop = greedy[0].response_ids[3]  # the 4th greedy token of prompt 0 becomes a stop id
+    out = R.generate(llama, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[stop],
+                     progress=False)
+    for g, s in zip(greedy, out):
+        cut = g.response_ids.index(stop) + 1 if stop in g.response_ids else len(g.response_ids)
+        assert s.response_ids == g.response_ids[:cut]
+        assert s.finish_reason == ("stop" if stop in g.response_ids else "length")
+    assert out[0].finish_reason == "stop" and len(out[0].response_ids) <= 4
+
+
+def test_default_stop_ids_come_from_config_and_tokenizer(ckpts):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(ckpts["llama"])
+    m = M.load_model(ckpts["llama"])
+    ids = R.stop_ids_for(m, tok)
+    assert tok.convert_tokens_to_ids("<|eot_id|>") in ids and tok.eos_token_id in ids
+
+
+def test_flash_kvcache_path_matches_sdpa(llama, monkeypatch):
+    import flash_attn_double
+    kw = dict(n=2, max_new_tokens=8, temperature=1.0, seed=3, progress=False)
+    ref = R.generate(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)
+    monkeypatch.setattr(M, "FLASH", flash_attn_double)
+    calls = []
+    real = flash_attn_double.flash_attn_with_kvcache
+    monkeypatch.setattr(flash_attn_double, "flash_attn_with_kvcache",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = R.generate(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)
+    assert calls, "the flash decode path was not taken"
+    for a, b in zip(ref, out):
+        assert a.response_ids == b.response_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- sampling functions
+
+def test_top_k_and_top_p_never_leave_the_allowed_set():
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = probs.log()[None].repeat(4000, 1)
+    u = R.uniforms(R.completion_keys(0, torch.arange(4000), torch.zeros(4000, dtype=torch.long)),
+                   torch.zeros(4000, dtype=torch.long))
+    tok_k, _ = R.sample_tokens(logits, 1.0, 3, 1.0, u)
+    assert set(tok_k.tolist()) == {0, 1, 2}
+    tok_p, _ = R.sample_tokens(logits, 1.0, 0, 0.7, u)  # 0.4 + 0.25 < 0.7: token 2 is needed
+    assert set(tok_p.tolist()) == {0, 1, 2}
+    tok_p, _ = R.sample_tokens(logits, 1.0, 0, 0.65, u)  # 0.4 + 0.25 reaches 0.65 exactly
+    assert set(tok_p.tolist()) == {0, 1}
+    full, _ = R.sample_tokens(logits, 1.0, 0, 1.0, u)
+    freq = torch.bincount(full, minlength=6).float() / 4000
+    assert (freq - probs).abs().max() < 0.03  # the unfiltered sampler follows the distribution
+    greedy, _ = R.sample_tokens(logits, 0.0, 0, 1.0, u)
+    assert set(greedy.tolist()) == {0}
+
+
+def test_uniforms_are_uniform_and_distinct_per_stream():
+    keys = R.completion_keys(7, torch.arange(100).repeat_interleave(50), torch.arange(50).repeat(100))
+    assert len(set(keys.tolist())) == 5000
+    u = R.uniforms(keys, torch.zeros(5000, dtype=torch.long))
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.02
+    hist = torch.histc(u.float(), bins=10, min=0, max=1) / 5000
+    assert (hist - 0.1).abs().max() < 0.02
+    step1 = R.uniforms(keys, torch.ones(5000, dtype=torch.long))
+    assert abs(torch.corrcoef(torch.stack([u, step1]))[0, 1].item()) < 0.05
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1, 2]], n=0), "n and max_new_tokens must be >= 1"),
+    (dict(prompts=[[1, 2]], stop_ids=[100000]), r"stop ids \[100000\]"),
+    (dict(prompts=[[1, 99999]]), "prompt 0 has token ids outside"),
+    (dict(prompts=[list(range(50))], max_cache_tokens=40), "cannot hold one sequence of 58"),
+])
+def test_bad_input(llama, kwargs, match):
+    kwargs = dict(dict(max_new_tokens=8, progress=False), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        R.generate(llama, **kwargs)
