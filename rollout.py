@@ -163,7 +163,7 @@ def _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens):
 class _Run:
     """Host-side bookkeeping for one generate() call."""
 
-    def __init__(self, prompts, n, cache: KVCache, seed: int, device):
+    def __init__(self, prompts, n, cache: KVCache, seed: int, prompt_offset: int, device):
         self.prompts, self.n, self.cache, self.device = prompts, n, cache, device
         self.queue = [(p, list(range(n))) for p in range(len(prompts))]  # waiting, prompt order
         self.slot_of = {}  # slot -> completion (prompt_idx, sample_idx)
@@ -171,7 +171,7 @@ class _Run:
         self.tokens = {}  # completion -> response ids
         self.logps = {}
         self.done = {}  # completion -> finish reason
-        self.seed = seed
+        self.seed, self.prompt_offset = seed, prompt_offset
 
     def admit(self):
         """Take waiting completions into free slots, a prompt's samples together when they fit."""
@@ -217,8 +217,10 @@ def _prefill(model, run: _Run, batch):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids=None, seed: int = 0,
-             max_cache_tokens: int = 2**18, progress: bool = True) -> list[Sample]:
-    """Sample n completions per prompt; see the module docstring."""
+             max_cache_tokens: int = 2**18, prompt_offset: int = 0, progress: bool = True) -> list[Sample]:
+    """Sample n completions per prompt; see the module docstring. Random streams are keyed by
+    prompt_offset + prompt index, so a caller holding a slice of a larger batch (one rank of
+    several) draws exactly what a single caller with the whole batch would."""
     vocab = model.config.vocab_size
     stop_ids = sorted(set(stop_ids_for(model) if stop_ids is None else stop_ids))
     _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens)
@@ -228,7 +230,8 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
         raise ValueError(f"max_cache_tokens={max_cache_tokens} cannot hold one sequence of "
                          f"{max_len} tokens (longest prompt + max_new_tokens)")
     device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
-    run = _Run(prompts, n, KVCache(model.config, slots, max_len, device, dtype), seed, device)
+    cache = KVCache(model.config, slots, max_len, device, dtype)
+    run = _Run(prompts, n, cache, seed, prompt_offset, device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     last = {}  # slot -> last sampled token, fed back next step
     bar = tqdm(total=n * len(prompts), desc="generate", disable=not progress, leave=False)
@@ -264,7 +267,7 @@ def _sample_step(run: _Run, slots, logits, stops, last, temperature, top_k, top_
     pidx = torch.tensor([c[0] for c in comps], device=run.device)
     sidx = torch.tensor([c[1] for c in comps], device=run.device)
     steps = torch.tensor([len(run.tokens[c]) for c in comps], device=run.device)
-    u = uniforms(completion_keys(run.seed, pidx, sidx), steps)
+    u = uniforms(completion_keys(run.seed, pidx + run.prompt_offset, sidx), steps)
     tokens, logps = sample_tokens(logits, temperature, top_k, top_p, u)
     is_stop = torch.isin(tokens, stops)
     # The one host sync of the step: the tokens decide which slots are done.

@@ -34,9 +34,16 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer(arch: str = "llama", vocab_size: int = 384):
-    """Byte-level BPE (any text encodes) with the arch's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Whole boxed answers as single tokens, so that a random-init model emits a well-formed answer
+# now and then and RL on the demo task has a signal from the first step (a real instruct model
+# starts out knowing the format; the demo's model starts out knowing these tokens exist).
+ANSWER_TOKENS = ["\\boxed{A}", "\\boxed{B}", "\\boxed{C}", "\\boxed{D}"]
+
+
+def tiny_tokenizer(arch: str = "llama", vocab_size: int = 380):
+    """Byte-level BPE (any text encodes) with the arch's special tokens, chat template and the
+    ANSWER_TOKENS; len() is vocab_size + 4."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     sp = SPECIALS[arch]
     specials = [t for t in (sp["bos"], sp["eos"], sp["eot"], *sp["extra"]) if t]
@@ -46,8 +53,10 @@ def tiny_tokenizer(arch: str = "llama", vocab_size: int = 384):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=sp["bos"], eos_token=sp["eos"],
-                                   pad_token=sp["eos"], chat_template=TEMPLATES[arch])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=sp["bos"], eos_token=sp["eos"],
+                                  pad_token=sp["eos"], chat_template=TEMPLATES[arch])
+    out.add_tokens([AddedToken(t, normalized=False) for t in ANSWER_TOKENS])
+    return out
 
 
 def tiny_config(arch: str, vocab_size: int, **overrides) -> dict:
@@ -69,7 +78,7 @@ def tiny_config(arch: str, vocab_size: int, **overrides) -> dict:
 def make_tiny_checkpoint(out_dir: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
     """Write a random-init checkpoint (weights ~ N(0, 0.02), biases too) and return out_dir."""
     tok = tiny_tokenizer(arch)
-    vocab = overrides.pop("vocab_size", (len(tok) + 63) // 64 * 64)
+    vocab = overrides.pop("vocab_size", len(tok))
     cfg = tiny_config(arch, vocab, **overrides)
     sp = SPECIALS[arch]
     cfg.update(bos_token_id=tok.convert_tokens_to_ids(sp["bos"]) if sp["bos"] else None,
