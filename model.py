@@ -137,14 +137,20 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torc
     if use_flash(q):
         return FLASH.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                             causal=True)
-    n = q.shape[0]
-    seg = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=q.device),
-                                  cu_seqlens.diff().long(), output_size=n)  # (N,) sequence index
-    idx = torch.arange(n, device=q.device)
-    mask = (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])  # (N, N) block causal
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, enable_gqa=True)  # (H, N, D)
-    return out.transpose(0, 1)
+    # SDPA fallback: scatter the sequences into a right-padded (S, max_seqlen) batch. A query at a
+    # real position i only sees keys j <= i, all real, so top-left `is_causal` is exact for every
+    # row we keep; padded rows are computed and dropped. Cost O(S * T^2), not O(N^2).
+    n, lens = q.shape[0], cu_seqlens.diff().long()
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens, output_size=n)
+    off = torch.arange(n, device=q.device) - cu_seqlens.long()[seq]  # (N,) position in its sequence
+
+    def padded(x):  # (N, h, D) -> (S, h, T, D)
+        out = x.new_zeros(len(lens), max_seqlen, *x.shape[1:])
+        out[seq, off] = x
+        return out.transpose(1, 2)
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
+                                         enable_gqa=True)  # (S, H, T, D)
+    return out.transpose(1, 2)[seq, off]  # (N, H, D)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -265,33 +271,48 @@ class CausalLM(nn.Module):
 
 # ----------------------------------------------------------------------------- log-probs
 
-def _chunk_stats(h, weight, targets, temperature: float, want_entropy: bool):
-    logits = (h @ weight.t()).float() / temperature  # (C, V): one chunk only
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-    if not want_entropy:
-        return logp, torch.zeros_like(logp)
-    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, ent
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(h @ W.T / T)[target] and entropy, one `(chunk, vocab)` float32 block at a time.
+
+    Only `lse` and `E[z]` (N floats each) are saved; the backward recomputes each block of logits
+    z and turns it in place into dL/dz = g_lp * (onehot - p) - g_ent * p * (z - E[z])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk):
+        lse, mean_z, logp = [], [], []
+        for i in range(0, hidden.shape[0], chunk):
+            z = (hidden[i:i + chunk] @ weight.t()).float() / temperature  # (C, V)
+            lse.append(torch.logsumexp(z, dim=-1))
+            mean_z.append((torch.softmax(z, dim=-1) * z).sum(-1))
+            logp.append(z.gather(-1, targets[i:i + chunk, None]).squeeze(-1) - lse[-1])
+        lse, mean_z = torch.cat(lse), torch.cat(mean_z)
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return torch.cat(logp), lse - mean_z  # log-probs, entropies
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+        grad_h, grad_w = torch.empty_like(hidden), torch.zeros_like(weight, dtype=torch.float32)
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            sl = slice(i, i + ctx.chunk)
+            z = (hidden[sl] @ weight.t()).float() / ctx.temperature  # (C, V), recomputed
+            p = torch.exp(z - lse[sl, None])
+            z.sub_(mean_z[sl, None]).mul_(p).mul_(-g_ent[sl, None])  # entropy part
+            z.sub_(p.mul_(g_logp[sl, None]))  # - g * p
+            z.scatter_add_(-1, targets[sl, None], g_logp[sl, None])  # + g * onehot
+            z.div_(ctx.temperature)  # dL/d(h @ W.T)
+            grad_h[sl] = (z @ weight.float()).to(hidden.dtype)
+            grad_w.addmm_(z.t(), hidden[sl].float())
+        return grad_h, grad_w.to(weight.dtype), None, None, None
 
 
 def token_logprobs(hidden, weight, targets, temperature: float = 1.0, entropy: bool = False,
                    chunk: int = 1024):
-    """log softmax(hidden @ weight.T / temperature)[targets] (and entropy), chunk by chunk.
-
-    Each chunk runs under activation checkpointing, so neither the forward nor the backward keeps
-    more than one `(chunk, vocab)` float32 block alive. hidden (N, H), targets (N,) -> (N,), (N,).
-    """
-    logps, ents = [], []
-    for i in range(0, hidden.shape[0], chunk):
-        args = (hidden[i:i + chunk], weight, targets[i:i + chunk], temperature, entropy)
-        if torch.is_grad_enabled():
-            lp, en = checkpoint(_chunk_stats, *args, use_reentrant=False)
-        else:
-            lp, en = _chunk_stats(*args)
-        logps.append(lp)
-        ents.append(en)
-    return torch.cat(logps), (torch.cat(ents) if entropy else None)
+    """Per-token log-probs of `targets` (and entropies) under softmax(hidden @ weight.T / T),
+    without a `[tokens, vocab]` tensor. hidden (N, H), targets (N,) -> (N,), (N,) or None."""
+    logp, ent = _TokenLogprobs.apply(hidden, weight, targets, temperature, chunk)
+    return logp, (ent if entropy else None)
 
 
 def pack(seqs: list[list[int]], device="cpu"):

@@ -91,7 +91,8 @@ def make_tiny_checkpoint(out_dir: str, arch: str = "llama", seed: int = 0, **ove
         if isinstance(m, RMSNorm):
             nn.init.ones_(m.weight)
     model.tie_weights()
-    model.generation_config = dict(bos_token_id=cfg["bos_token_id"],
-                                   eos_token_id=[cfg["eos_token_id"], tok.convert_tokens_to_ids(sp["eot"])])
+    # The answer tokens end a turn too, so a demo completion is free text, then one answer.
+    stops = [cfg["eos_token_id"]] + tok.convert_tokens_to_ids([sp["eot"]] + ANSWER_TOKENS)
+    model.generation_config = dict(bos_token_id=cfg["bos_token_id"], eos_token_id=stops)
     save_model(model, tok, out_dir)
     return out_dir

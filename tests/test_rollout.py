@@ -36,8 +36,9 @@ def test_greedy_equals_transformers_generate(ckpts, arch):
     width = max(map(len, PROMPTS))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    hf.generation_config.eos_token_id = None  # no stops on either side: 12 tokens each
     ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                      min_new_tokens=12, pad_token_id=0)[:, width:]
+                      pad_token_id=0)[:, width:]
     out = R.generate(m, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[], progress=False)
     assert [s.response_ids for s in out] == ref.tolist()
     assert all(s.finish_reason == "length" and len(s.logprobs) == 12 for s in out)
