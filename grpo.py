@@ -45,6 +45,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -87,12 +88,10 @@ def build_parser(doc: str = __doc__) -> argparse.ArgumentParser:
     # objective
     p.add_argument("--format", default="boxed", choices=reward.FORMATS, help="answer format the reward parses")
     p.add_argument("--reward-values", default="1,0,0", help="reward for correct,wrong,bad-format (Med-RLVR: 1,0,-1)")
-    p.add_argument("--adv-norm", default="std", choices=["std", "none"], help="divide group-centred rewards by the group std (none = Dr. GRPO)")
-    p.add_argument("--drop-zero-var", action="store_true", help="drop groups whose completions all got the same reward")
     p.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below 1 - clip_low")
     p.add_argument("--clip-high", type=float, default=0.2, help="ratio clip above 1 + clip_high (clip-higher: > clip_low)")
     p.add_argument("--dual-clip", type=float, default=0.0, help="dual-clip constant c > 1 for negative advantages (0 = off)")
-    p.add_argument("--kl-coef", type=float, default=0.001, help="per-token KL penalty in the loss (0 = no reference model)")
+    p.add_argument("--kl-coef", type=float, default=0.001, help="per-token KL penalty to the reference (GRPO: in the loss; PPO: in the reward; 0 = no reference model)")
     p.add_argument("--kl-estimator", default="k3", choices=["k1", "k2", "k3"], help="KL estimator")
     p.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"], help="how per-token losses are averaged")
     p.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus coefficient")
@@ -120,10 +119,14 @@ def build_parser(doc: str = __doc__) -> argparse.ArgumentParser:
 
 def get_args(argv=None):
     p = build_parser()
+    p.add_argument("--adv-norm", default="std", choices=["std", "none"], help="divide group-centred rewards by the group std (none = Dr. GRPO)")
+    p.add_argument("--drop-zero-var", action="store_true", help="drop groups whose completions all got the same reward")
     if p.parse_known_args(argv)[0].model == "tiny":
         p.set_defaults(**TINY_DEFAULTS)
     args = p.parse_args(argv)
     check_args(p, args)
+    if args.group_size < 2:
+        p.error(f"--group-size {args.group_size}: GRPO needs >= 2 completions per prompt")
     return args
 
 
@@ -133,7 +136,7 @@ def check_args(p: argparse.ArgumentParser, args):
         args.reward_values = reward.RewardValues(*map(float, args.reward_values.split(",")))
     except (TypeError, ValueError):
         p.error(f"--reward-values {args.reward_values!r}: need three numbers correct,wrong,bad-format")
-    rules = [("--group-size", args.group_size >= 2, "GRPO needs >= 2 completions per prompt"),
+    rules = [("--group-size", args.group_size >= 1, "must be >= 1"),
              ("--temperature", args.temperature > 0, "must be > 0 (it divides the training logits)"),
              ("--top-p", 0 < args.top_p <= 1, "must be in (0, 1]"),
              ("--batch-prompts", args.batch_prompts >= 1, "must be >= 1"),
@@ -169,7 +172,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
         return log_ratio
     if kind == "k2":
         return 0.5 * log_ratio ** 2
-    return torch.exp(-log_ratio) + log_ratio - 1  # k3
+    return (torch.exp(-log_ratio) + log_ratio - 1).clamp(min=0)  # k3; clamp: fp rounding near 0
 
 
 def clipped_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip=0.0):
@@ -289,14 +292,13 @@ class Rollout:
     text: str = ""
     reward: float = 0.0
     info: RewardInfo | None = None
-    advantage: float = 0.0
+    advantage: float | torch.Tensor = 0.0  # GRPO: one per sequence; PPO: one per token
     old_logprobs: torch.Tensor | None = None  # only when a batch is reused
     ref_logprobs: torch.Tensor | None = None  # only when --kl-coef > 0
 
 
 def collect_rollouts(policy, tok, questions, args, step, d: Dist, prompt_offset: int):
-    """Sample G completions per question, score them, set group advantages; also returns which
-    groups got one reward value throughout."""
+    """Sample --group-size completions per question (prompt-major) and score them."""
     prompts = [data.encode_prompt(tok, q, args.prompt_style) for q in questions]
     with Unsharded(policy) as m:
         samples = rollout.generate(
@@ -311,11 +313,15 @@ def collect_rollouts(policy, tok, questions, args, step, d: Dist, prompt_offset:
         r, info = reward.score(text, q, args.format, args.reward_values)
         rollouts.append(Rollout(q, s.prompt_ids, s.response_ids, s.logprobs, s.finish_reason,
                                 text, r, info))
+    return rollouts
+
+
+def set_group_advantages(rollouts: list[Rollout], args) -> torch.Tensor:
+    """GRPO: each completion's advantage from its group; returns which groups have no signal."""
     rewards = torch.tensor([r.reward for r in rollouts]).view(-1, args.group_size)  # (P, G)
     for r, a in zip(rollouts, group_advantages(rewards, args.adv_norm).flatten().tolist()):
         r.advantage = a
-    zero_var = rewards.max(dim=1).values == rewards.min(dim=1).values  # (P,) no signal
-    return rollouts, zero_var
+    return rewards.max(dim=1).values == rewards.min(dim=1).values  # (P,)
 
 
 # ----------------------------------------------------------------------------- packed passes
@@ -371,73 +377,87 @@ def logprobs(model, mb: MicroBatch, temperature: float, entropy: bool = False):
 
 
 @torch.no_grad()
-def score_logprobs(model, items: list[Rollout], args, d: Dist, attr: str):
-    """Fill items[i].<attr> with per-token log-probs under `model` (reference or old policy)."""
+def score_tokens(model, items: list[Rollout], args, d: Dist, attr: str):
+    """Fill items[i].<attr> with per-response-token log-probs under `model` (reference or old
+    policy), or values when `model` is a critic. Every rank runs the same number of forwards."""
     mbs = micro_batches(items, args.micro_tokens, d.device)
     for i in range(d.max(len(mbs))):
         mb = mbs[i] if i < len(mbs) else dummy_batch(d.device)
-        lp, _ = logprobs(model, mb, args.temperature)
-        for it, chunk in zip(mb.items, lp.float().split(mb.lengths)):
-            if it.question is not None:
-                setattr(it, attr, chunk.cpu())
+        out = model(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, select=mb.select,
+                    targets=mb.targets, temperature=args.temperature)
+        out = out[0] if isinstance(out, tuple) else out  # (log-probs, entropy) or values
+        for it, chunk in zip(mb.items, out.float().split(mb.lengths)):
+            setattr(it, attr, chunk.cpu())
 
 
 # ----------------------------------------------------------------------------- update
 
-def update(policy, opt, sched, items: list[Rollout], args, d: Dist) -> dict:
-    """--ppo-epochs passes over the batch, each in --mini-batches optimizer steps."""
-    stats = dict.fromkeys(["loss", "kl", "clip_frac", "entropy", "tokens", "gap", "gap_tokens"], 0.0)
-    grad_norms = []
+def update(part: "Part", items: list[Rollout], args, d: Dist, loss_fn) -> dict:
+    """--ppo-epochs passes over the batch, each in --mini-batches optimizer steps. loss_fn(mb,
+    total_tokens, total_seqs, real, first) -> (loss, stats) for one micro-batch. Returns the stats
+    summed over micro-batches and ranks, the mean grad norm and the learning rate."""
+    stats, grad_norms, module = {}, [], part.module
     minis = [items[i::args.mini_batches] for i in range(args.mini_batches)]
     for epoch in range(args.ppo_epochs):
         for k, mini in enumerate(minis):
-            first = epoch == 0 and k == 0  # weights still equal the sampler's
             tot_tokens, tot_seqs = d.sum([sum(len(r.response_ids) for r in mini), len(mini)])
             mbs = micro_batches(mini, args.micro_tokens, d.device)
             n_mb = d.max(len(mbs))
             for i in range(n_mb):
                 real = i < len(mbs)
                 mb = mbs[i] if real else dummy_batch(d.device)
-                if hasattr(policy, "set_requires_gradient_sync"):
-                    policy.set_requires_gradient_sync(i == n_mb - 1)  # reduce once per step
-                loss, s = micro_loss(policy, mb, args, max(tot_tokens, 1), max(tot_seqs, 1), real, first)
+                if hasattr(module, "set_requires_gradient_sync"):
+                    module.set_requires_gradient_sync(i == n_mb - 1)  # reduce once per step
+                first = epoch == 0 and k == 0  # weights still equal the sampler's
+                loss, s = loss_fn(mb, max(tot_tokens, 1), max(tot_seqs, 1), real, first)
                 (loss * d.world).backward()  # FSDP averages over ranks; the weights already do
-                for key in s:
-                    stats[key] += s[key]
-            grad_norms.append(clip_grads(policy, args.grad_clip))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+                for key, v in s.items():
+                    stats[key] = stats.get(key, 0.0) + v
+            grad_norms.append(clip_grads(module, args.grad_clip))
+            part.opt.step()
+            part.sched.step()
+            part.opt.zero_grad(set_to_none=True)
     stats = dict(zip(stats, d.sum(list(stats.values()))))
-    n, steps = max(stats["tokens"], 1), args.ppo_epochs * args.mini_batches
-    return dict(loss=stats["loss"] / steps, kl=stats["kl"] / n, clip_frac=stats["clip_frac"] / n,
-                entropy=stats["entropy"] / n, grad_norm=sum(grad_norms) / len(grad_norms),
-                logprob_gap=stats["gap"] / max(stats["gap_tokens"], 1), lr=sched.get_last_lr()[0])
+    return dict(stats, grad_norm=sum(grad_norms) / len(grad_norms), lr=part.sched.get_last_lr()[0])
 
 
-def micro_loss(policy, mb: MicroBatch, args, tot_tokens, tot_seqs, real: bool, first: bool):
-    """Weighted sum of per-token losses for one micro-batch, and summed statistics."""
+def per_token(mb: MicroBatch, attr: str, device) -> torch.Tensor:
+    """An item field (a number per sequence, or a list/tensor per token) laid out per token."""
+    return torch.cat([torch.as_tensor(getattr(it, attr), dtype=torch.float32).expand(n)
+                      for it, n in zip(mb.items, mb.lengths)]).to(device)
+
+
+def policy_loss(policy, mb: MicroBatch, tot_tokens, tot_seqs, real: bool, first: bool, *, args,
+                kl_coef: float):
+    """Clipped surrogate (+ kl_coef * KL to the reference, - entropy bonus) for one micro-batch,
+    weighted per --loss-agg; and its statistics, summed."""
     lp, ent = logprobs(policy, mb, args.temperature, entropy=True)
     w = token_weights(mb.lengths, args.loss_agg, tot_tokens, tot_seqs, args.max_new_tokens)
     w = w.to(lp.device) * float(real)
-    cat = lambda xs: torch.cat([torch.as_tensor(x, dtype=torch.float32) for x in xs]).to(lp.device)
-    adv = cat([torch.full((n,), it.advantage) for it, n in zip(mb.items, mb.lengths)])
-    old = cat([it.old_logprobs for it in mb.items]) if mb.items[0].old_logprobs is not None \
+    old = per_token(mb, "old_logprobs", lp.device) if mb.items[0].old_logprobs is not None \
         else lp.detach()  # one update per batch: the ratio is exactly 1
+    adv = per_token(mb, "advantage", lp.device)
     pg, clipped = clipped_surrogate(lp, old, adv, args.clip_low, args.clip_high, args.dual_clip)
-    per_token = pg - args.entropy_coef * ent
+    loss_tok = pg - args.entropy_coef * ent
     kl = torch.zeros_like(lp)
-    if args.kl_coef > 0:
-        kl = kl_estimate(lp, cat([it.ref_logprobs for it in mb.items]), args.kl_estimator)
-        per_token = per_token + args.kl_coef * kl
-    loss = (per_token * w).sum()
+    if kl_coef > 0:
+        kl = kl_estimate(lp, per_token(mb, "ref_logprobs", lp.device), args.kl_estimator)
+        loss_tok = loss_tok + kl_coef * kl
+    loss = (loss_tok * w).sum()
     mask = torch.full_like(lp, float(real))
     s = dict(loss=loss.item(), kl=(kl * mask).sum().item(), clip_frac=(clipped * mask).sum().item(),
              entropy=(ent * mask).sum().item(), tokens=mask.sum().item(), gap=0.0, gap_tokens=0.0)
     if first and real:  # sampler vs trainer log-probs on the same weights
-        s["gap"] = (lp.detach() - cat([it.sampler_logprobs for it in mb.items])).abs().sum().item()
+        s["gap"] = (lp.detach() - per_token(mb, "sampler_logprobs", lp.device)).abs().sum().item()
         s["gap_tokens"] = float(len(lp))
     return loss, s
+
+
+def policy_metrics(s: dict, args) -> dict:
+    n = max(s["tokens"], 1)
+    return dict(loss=s["loss"] / (args.ppo_epochs * args.mini_batches), kl=s["kl"] / n,
+                clip_frac=s["clip_frac"] / n, entropy=s["entropy"] / n, grad_norm=s["grad_norm"],
+                logprob_gap=s["gap"] / max(s["gap_tokens"], 1), lr=s["lr"])
 
 
 def clip_grads(model, max_norm: float) -> float:
@@ -457,26 +477,41 @@ def lr_lambda(args, total: int):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(policy, tok, opt, sched, step: int, args, d: Dist) -> str:
+@dataclass
+class Part:
+    """A trained module with its optimizer and LR schedule. In a checkpoint the policy's HF files
+    sit at the top of the step dir, any other part's (PPO's critic) in a sub-dir of its name."""
+    module: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+
+def save_checkpoint(parts: dict[str, Part], tok, step: int, args, d: Dist, extra=None) -> str:
     """out/step-N/: HF model files (evaluate.py, transformers, vLLM) + resume/ (sharded training
-    state) + rng-R.pt per rank. Written to step-N.tmp and renamed when complete."""
+    state of every part) + rng-R.pt per rank. Written to step-N.tmp, renamed when complete."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_state_dict)
     final = os.path.join(args.out, f"step-{step:06d}")
     tmp = final + ".tmp"
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.main:
-        dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-        M.save_model(policy, tok, tmp, state_dict={k: v.to(dtype) for k, v in full.items()})
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    state = {}
+    for name, part in parts.items():
+        full = get_model_state_dict(part.module, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=True))
+        if d.main:
+            M.save_model(part.module, tok, tmp if name == "policy" else os.path.join(tmp, name),
+                         state_dict={k: v.to(dtype) for k, v in full.items()})
+        state[f"{name}.model"], state[f"{name}.optim"] = get_state_dict(part.module, part.opt)
     d.barrier()
-    msd, osd = get_state_dict(policy, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmp, "resume"))
+    dcp.save(state, checkpoint_id=os.path.join(tmp, "resume"))
     torch.save(rng_state(), os.path.join(tmp, f"rng-{d.rank}.pt"))
     if d.main:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(dict(step=step, scheduler=sched.state_dict(), args=vars(args) | dict(
-                reward_values=list(vars(args.reward_values).values()))), f, indent=1)
+            json.dump(dict(step=step, schedulers={n: p.sched.state_dict() for n, p in parts.items()},
+                           extra=extra or {},
+                           args=vars(args) | dict(reward_values=list(vars(args.reward_values).values()))),
+                      f, indent=1)
     d.barrier()
     if d.main:
         shutil.rmtree(final, ignore_errors=True)
@@ -493,24 +528,28 @@ def checkpoints(out: str) -> list[str]:
     return [os.path.join(out, n) for n in os.listdir(out) if n.startswith("step-") and not n.endswith(".tmp")]
 
 
-def load_checkpoint(path: str, policy, opt, sched, d: Dist) -> int:
-    """Restore weights, optimizer, scheduler and RNG from save_checkpoint's dir; returns the step."""
+def load_checkpoint(path: str, parts: dict[str, Part], d: Dist) -> tuple[int, dict]:
+    """Restore weights, optimizers, schedules and RNG from save_checkpoint's dir; returns the step
+    and the trainer's `extra` state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     if not os.path.exists(os.path.join(path, "trainer_state.json")):
         raise FileNotFoundError(f"--resume {path}: not a checkpoint (no trainer_state.json)")
-    msd, osd = get_state_dict(policy, opt)
-    state = {"model": msd, "optim": osd}
+    state = {}
+    for name, part in parts.items():
+        state[f"{name}.model"], state[f"{name}.optim"] = get_state_dict(part.module, part.opt)
     dcp.load(state, checkpoint_id=os.path.join(path, "resume"))
-    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     with open(os.path.join(path, "trainer_state.json")) as f:
         meta = json.load(f)
-    sched.load_state_dict(meta["scheduler"])
+    for name, part in parts.items():
+        set_state_dict(part.module, part.opt, model_state_dict=state[f"{name}.model"],
+                       optim_state_dict=state[f"{name}.optim"])
+        part.sched.load_state_dict(meta["schedulers"][name])
     rng_file = os.path.join(path, f"rng-{d.rank}.pt")
     if not os.path.exists(rng_file):
         raise FileNotFoundError(f"{rng_file} missing: resume with the world size the run was saved with")
     set_rng_state(torch.load(rng_file, weights_only=False))
-    return meta["step"]
+    return meta["step"], meta["extra"]
 
 
 def rng_state() -> dict:
@@ -640,21 +679,23 @@ def validate(policy, tok, val, args, d: Dist) -> float:
     return c / max(n, 1)
 
 
-def train_step(policy, ref, tok, opt, sched, train, step: int, args, d: Dist) -> tuple[dict, list]:
+def train_step(policy: Part, ref, tok, train, step: int, args, d: Dist) -> tuple[dict, list]:
     t0 = time.perf_counter()
     questions, offset = step_questions(train, step, args, d)
-    rollouts, zero_var = collect_rollouts(policy, tok, questions, args, step, d, offset)
+    rollouts = collect_rollouts(policy.module, tok, questions, args, step, d, offset)
+    zero_var = set_group_advantages(rollouts, args)
     metrics = rollout_metrics(rollouts, d)
     metrics["zero_var_frac"] = d.sum([zero_var.float().mean().item()])[0] / d.world
     items = [r for i, r in enumerate(rollouts) if not (args.drop_zero_var and zero_var[i // args.group_size])]
     t1 = time.perf_counter()
     if ref is not None:
-        score_logprobs(ref, items, args, d, "ref_logprobs")
+        score_tokens(ref, items, args, d, "ref_logprobs")
     t2 = time.perf_counter()
     if args.ppo_epochs * args.mini_batches > 1:
-        score_logprobs(policy, items, args, d, "old_logprobs")
+        score_tokens(policy.module, items, args, d, "old_logprobs")
     t3 = time.perf_counter()
-    metrics.update(update(policy, opt, sched, items, args, d))
+    loss_fn = partial(policy_loss, policy.module, args=args, kl_coef=args.kl_coef)
+    metrics.update(policy_metrics(update(policy, items, args, d, loss_fn), args))
     t4 = time.perf_counter()
     gen_tokens = d.sum([sum(len(r.response_ids) for r in rollouts)])[0]
     metrics.update(time_rollout=t1 - t0, time_reference=t2 - t1, time_old=t3 - t2, time_update=t4 - t3,
@@ -677,8 +718,8 @@ def model_path(args, d: Dist) -> str:
     return M.resolve(args.model)
 
 
-def main(argv=None):
-    args = get_args(argv)
+def setup(args):
+    """Process group, seeds, model dir and tokenizer: what every entry point starts with."""
     d = setup_dist()
     if args.batch_prompts % d.world:
         raise ValueError(f"--batch-prompts {args.batch_prompts} must be a multiple of the {d.world} ranks")
@@ -687,38 +728,56 @@ def main(argv=None):
     np.random.seed(args.seed)
     from transformers import AutoTokenizer
     path = model_path(args, d)
-    tok = AutoTokenizer.from_pretrained(path)
-    policy = shard(M.load_model(path, dtype=torch.float32), d)
-    policy.gradient_checkpointing = args.grad_ckpt
-    ref = None
-    if args.kl_coef > 0:
-        ref_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-        ref = shard(M.load_model(path, dtype=ref_dtype).requires_grad_(False), d)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, args.steps * args.ppo_epochs * args.mini_batches))
-    train, val = load_questions(args, d)
-    start = 0
+    return d, path, AutoTokenizer.from_pretrained(path)
+
+
+def make_part(path: str, args, d: Dist, lr: float, value_head: bool = False) -> Part:
+    """A trainable model (fp32 master weights, FSDP2-sharded) with AdamW and the LR schedule."""
+    module = shard(M.load_model(path, dtype=torch.float32, value_head=value_head), d)
+    module.gradient_checkpointing = args.grad_ckpt
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=args.weight_decay)
+    total = args.steps * args.ppo_epochs * args.mini_batches
+    return Part(module, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total)))
+
+
+def load_reference(path: str, d: Dist):
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    return shard(M.load_model(path, dtype=dtype).requires_grad_(False), d)
+
+
+def run(args, d: Dist, parts: dict[str, Part], tok, val, step_fn, name: str, extra=None):
+    """The outer loop: resume, steps, validation, logging, checkpoints. step_fn(step) -> (metrics,
+    rollouts); `extra` is a dict of trainer state that step_fn updates, saved and restored too."""
+    start, extra = 0, {} if extra is None else extra
     if args.resume:
-        resume = args.resume
-        if resume == "auto":
-            found = sorted(checkpoints(args.out))
-            resume = found[-1] if found else None
-        if resume:
-            start = load_checkpoint(resume, policy, opt, sched, d)
+        found = sorted(checkpoints(args.out)) if args.resume == "auto" else [args.resume]
+        if found:
+            start, saved = load_checkpoint(found[-1], parts, d)
+            extra.update(saved)
     logger = Logger(args, d)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=not d.main)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=name, disable=not d.main)
     for step in bar:
-        metrics, rollouts = train_step(policy, ref, tok, opt, sched, train, step, args, d)
+        metrics, rollouts = step_fn(step)
         if args.val_every and (step + 1) % args.val_every == 0 and val:
-            metrics["val_accuracy"] = validate(policy, tok, val, args, d)
+            metrics["val_accuracy"] = validate(parts["policy"].module, tok, val, args, d)
         show = rollouts[:2] if args.samples_every and step % args.samples_every == 0 else None
         logger.log(step + 1, metrics, show)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                         len=f"{metrics['response_len']:.0f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(policy, tok, opt, sched, step + 1, args, d)
+            save_checkpoint(parts, tok, step + 1, args, d, extra)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    d, path, tok = setup(args)
+    policy = make_part(path, args, d, args.lr)
+    ref = load_reference(path, d) if args.kl_coef > 0 else None  # KL 0: no reference at all
+    train, val = load_questions(args, d)
+    run(args, d, {"policy": policy}, tok, val,
+        lambda step: train_step(policy, ref, tok, train, step, args, d), "grpo")
 
 
 if __name__ == "__main__":
