@@ -295,6 +295,8 @@ class Rollout:
     advantage: float | torch.Tensor = 0.0  # GRPO: one per sequence; PPO: one per token
     old_logprobs: torch.Tensor | None = None  # only when a batch is reused
     ref_logprobs: torch.Tensor | None = None  # only when --kl-coef > 0
+    values: torch.Tensor | None = None  # PPO: the critic's value before each response token
+    returns: torch.Tensor | None = None  # PPO: GAE returns, the value targets
 
 
 def collect_rollouts(policy, tok, questions, args, step, d: Dist, prompt_offset: int):
@@ -367,7 +369,8 @@ def _pack(items: list[Rollout], device) -> MicroBatch:
 
 def dummy_batch(device) -> MicroBatch:
     """Zero-weight stand-in so every rank runs the same number of forwards/backwards under FSDP."""
-    fake = Rollout(None, [0], [0], [0.0], "length")
+    zero = torch.zeros(1)
+    fake = Rollout(None, [0], [0], [0.0], "length", ref_logprobs=zero, values=zero, returns=zero)
     return _pack([fake], device)
 
 
@@ -703,9 +706,11 @@ def train_step(policy: Part, ref, tok, train, step: int, args, d: Dist) -> tuple
     return metrics, rollouts
 
 
-def model_path(args, d: Dist) -> str:
-    """A local dir for --model: 'tiny' is written once into --out; hub ids download on rank 0 first."""
-    if args.model == "tiny":
+def model_path(args, d: Dist, name: str | None = None) -> str:
+    """A local dir for `name` (default --model): 'tiny' is written once into --out; hub ids are
+    downloaded on rank 0 first."""
+    name = name or args.model
+    if name == "tiny":
         path = os.path.join(args.out, "tiny-init")
         if d.main and not os.path.exists(os.path.join(path, "config.json")):
             from tiny import make_tiny_checkpoint
@@ -713,9 +718,9 @@ def model_path(args, d: Dist) -> str:
         d.barrier()
         return path
     if d.main:
-        M.resolve(args.model)
+        M.resolve(name)
     d.barrier()
-    return M.resolve(args.model)
+    return M.resolve(name)
 
 
 def setup(args):

@@ -228,15 +228,16 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Trunk(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.value_head:
+        if cfg.value_head:  # a critic: one value per token instead of logits
             self.value_head = nn.Linear(cfg.hidden_size, 1)
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
         self.generation_config: dict = {}  # generation_config.json as read, written back on save
 
     def tie_weights(self):
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and not self.config.value_head:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, positions=None, cu_seqlens=None, max_seqlen=None, *, cache=None,
@@ -352,9 +353,9 @@ def read_state_dict(path: str) -> dict:
 
 def check_keys(model: CausalLM, state: dict, path: str, value_head_new: bool):
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    if model.config.tie_word_embeddings or model.config.value_head:
         expected.pop("lm_head.weight", None)
-        state.pop("lm_head.weight", None)  # some tied checkpoints still store it
+        state.pop("lm_head.weight", None)  # tied checkpoints may store it; a critic has none
     if value_head_new:
         expected.pop("value_head.weight", None), expected.pop("value_head.bias", None)
     missing = sorted(set(expected) - set(state))
@@ -367,8 +368,8 @@ def check_keys(model: CausalLM, state: dict, path: str, value_head_new: bool):
 
 
 def load_model(name_or_path: str, device="cpu", dtype=torch.float32, value_head: bool = False):
-    """Build the model from an HF checkpoint (local dir or hub id). `value_head=True` adds a
-    freshly initialised scalar head (PPO critic) unless the checkpoint already has one."""
+    """Build the model from an HF checkpoint (local dir or hub id). `value_head=True` builds a
+    critic: the trunk with a scalar head (zero-init unless the checkpoint has one), no lm_head."""
     path = resolve(name_or_path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
@@ -385,7 +386,7 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.float32, value_head:
         state["value_head.weight"] = torch.zeros(1, cfg.hidden_size)
         state["value_head.bias"] = torch.zeros(1)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    model.load_state_dict(state, strict=not (cfg.tie_word_embeddings and not cfg.value_head), assign=True)
     model.tie_weights()
     model.inv_freq = rope_inv_freq(cfg).to(device)
     gen = os.path.join(path, "generation_config.json")
@@ -397,9 +398,8 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.float32, value_head:
 
 def save_model(model: CausalLM, tokenizer, out_dir: str, state_dict: dict | None = None,
                max_shard_bytes: int = 5 * 2**30):
-    """Write an HF checkpoint (config, safetensors shards + index, tokenizer) atomically.
-
-    `state_dict` lets a distributed caller pass the gathered full state dict (rank 0 only)."""
+    """Write an HF checkpoint (config, safetensors shards + index, tokenizer) atomically;
+    `state_dict`: a distributed caller's gathered full state dict (rank 0 only)."""
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     if model.config.tie_word_embeddings:

@@ -108,7 +108,7 @@ class KVCache:
         self.lens = torch.zeros(slots, dtype=torch.int32, device=device)  # tokens stored per slot
         self.slots, self.max_len = slots, max_len
         self.prefill = None  # (cu_seqlens, max_seqlen, dest_slot, dest_pos, src_token) during prefill
-        self.rows = None  # (rows int32, their lengths before the step, longest after it) in decode
+        self.rows = None  # decode: (rows int32, their lengths, longest after the step, slice|None)
 
     def attend(self, layer: int, q, k, v):
         if self.prefill is not None:
@@ -116,7 +116,7 @@ class KVCache:
             self.k[layer, slot, pos] = k[src]  # each prompt token into every slot of its samples
             self.v[layer, slot, pos] = v[src]
             return M.varlen_attention(q, k, v, cu, max_seqlen)
-        rows, lens, lmax = self.rows  # q (B, H, D): one new token per row
+        rows, lens, lmax, span = self.rows  # q (B, H, D): one new token per row
         if M.use_flash(q):
             out = M.FLASH.flash_attn_with_kvcache(
                 q[:, None], self.k[layer], self.v[layer], k[:, None], v[:, None],
@@ -124,8 +124,9 @@ class KVCache:
             return out[:, 0]
         self.k[layer, rows.long(), lens.long()] = k
         self.v[layer, rows.long(), lens.long()] = v
-        kc = self.k[layer, rows.long(), :lmax].transpose(1, 2)  # (B, Hkv, Lmax, D)
-        vc = self.v[layer, rows.long(), :lmax].transpose(1, 2)
+        sel = rows.long() if span is None else span  # a slice (no copy) when rows are contiguous
+        kc = self.k[layer, sel, :lmax].transpose(1, 2)  # (B, Hkv, Lmax, D)
+        vc = self.v[layer, sel, :lmax].transpose(1, 2)
         valid = torch.arange(lmax, device=q.device)[None, :] <= lens[:, None]  # (B, Lmax)
         out = F.scaled_dot_product_attention(q[:, :, None], kc, vc, attn_mask=valid[:, None, None],
                                              enable_gqa=True)  # (B, H, 1, D)
@@ -229,7 +230,8 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
     if slots < 1:
         raise ValueError(f"max_cache_tokens={max_cache_tokens} cannot hold one sequence of "
                          f"{max_len} tokens (longest prompt + max_new_tokens)")
-    device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
+    embed = model.model.embed_tokens.weight
+    device, dtype = embed.device, embed.dtype
     cache = KVCache(model.config, slots, max_len, device, dtype)
     run = _Run(prompts, n, cache, seed, prompt_offset, device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
@@ -289,7 +291,8 @@ def _decode(model, run: _Run, slots, last):
     lens = run.cache.lens[rows.long()]  # (B,) tokens already cached = the new token's position
     longest = max(len(run.prompts[p]) + len(run.tokens[(p, j)]) for p, j in map(run.slot_of.get, slots))
     ids = torch.tensor([last[s] for s in slots], device=run.device)
-    run.cache.rows = (rows, lens, longest)  # attention reads cache rows [0, longest)
+    span = slice(slots[0], slots[-1] + 1) if slots[-1] - slots[0] + 1 == len(slots) else None
+    run.cache.rows = (rows, lens, longest, span)  # attention reads cache rows [0, longest)
     try:
         logits = model(ids, lens.long(), cache=run.cache)  # (B, V)
     finally:

@@ -1,7 +1,7 @@
 """Peak memory and time of token log-probs, forward + backward: chunked vs naive.
 
   chunked: model.token_logprobs(hidden, weight, targets, entropy=False) (a (chunk, vocab) block at
-           a time, each chunk under activation checkpointing)
+           a time; the backward recomputes each block from the saved log-sum-exp)
   naive:   torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets) (full (tokens, vocab) blocks)
 
 Each variant runs in its own fresh subprocess, so its peak is not hidden by the other's. The peak is

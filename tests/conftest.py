@@ -15,3 +15,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 # The real benchmark files live beside the repo (../shared/data); a fresh clone has none, and the
 # tests that read them skip.
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def read_metrics(out):
+    """The trainer's metrics.jsonl in `out` as a list of dicts."""
+    import json
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timing(rows):
+    """Metrics rows minus the wall-clock ones, which differ between identical runs."""
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]

@@ -1,5 +1,4 @@
 """grpo.py end to end on the CPU demo: it learns, it is reproducible, resume is exact, torchrun works."""
-import json
 import os
 import shutil
 import subprocess
@@ -11,18 +10,11 @@ from safetensors.torch import load_file
 
 import grpo
 import model as M
-from conftest import ROOT
+from conftest import ROOT, read_metrics as metrics, without_timing
 
 FAST = ["--model", "tiny", "--max-new-tokens", "4", "--batch-prompts", "8", "--group-size", "4"]
 
 
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def without_timing(rows):
-    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
 
 
 def weights(step_dir):
@@ -46,10 +38,13 @@ def test_same_seed_same_run(tmp_path):
     runs = []
     for name in ("a", "b"):
         out = str(tmp_path / name)
-        grpo.main(FAST + ["--steps", "4", "--out", out, "--kl-coef", "0.01"])
+        grpo.main(FAST + ["--steps", "4", "--out", out, "--kl-coef", "0.01", "--val-size", "6",
+                          "--val-every", "2"])
         runs.append(without_timing(metrics(out)))
     assert runs[0] == runs[1]
     assert all("kl" in r and "reward_mean" in r for r in runs[0])
+    assert [("val_accuracy" in r) for r in runs[0]] == [False, True, False, True]
+    assert all(0 <= r.get("val_accuracy", 0) <= 1 for r in runs[0])
 
 
 def test_resume_equals_uninterrupted(tmp_path):

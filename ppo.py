@@ -1,0 +1,187 @@
+"""PPO trainer: Med-RLVR's recipe (Qwen2.5-3B base, <think>/<answer> format, reward +1/0/-1).
+
+    python ppo.py --model Qwen/Qwen2.5-3B --out runs/medrlvr
+    python ppo.py --model tiny --data demo --out runs/ppo-demo      # CPU demo, a few minutes
+
+One step: prompts -> completions (rollout.py) -> rule reward (reward.py) -> per-token rewards
+r_t = -beta * KL_t (every response token) + the rule reward (last token) -> values from the critic
+-> GAE advantages (whitened over the whole batch, all ranks) and returns -> PPO clipped policy loss
+and clipped value loss, --ppo-epochs passes in --mini-batches optimizer steps each.
+Rollout, reward, packing, loss aggregation, checkpoint/resume, logging and torchrun/FSDP2 are
+grpo.py's; this file adds the critic, the KL-in-reward and GAE.
+
+Algorithmic choices and the flag that changes each (plus every grpo.py flag, see --help):
+  critic init                 --critic (default: the policy checkpoint; a scalar head, zero-init)
+  critic learning rate        --critic-lr 9e-6
+  KL in the reward            --kl-coef 0.01 --kl-estimator k1 (beta; 0 loads no reference)
+  adaptive KL controller      --kl-target (off) --kl-horizon 10000 (Ziegler et al.'s controller)
+  GAE                         --gamma 1.0 --lam 0.95
+  value clipping              --value-clip 0.2 (0 = unclipped squared error)
+  advantage whitening         always, with the global mean and std over all response tokens
+
+Med-RLVR defaults: the paper states Qwen2.5-3B (base), PPO with a critic and GAE (OpenRLHF), the
+think/answer format with reward -1 / 0 / +1, MedQA train, 10 epochs over it. It does not state the
+learning rates, KL, batch or lengths: we use OpenRLHF's defaults (actor lr 5e-7, critic lr 9e-6,
+KL 0.01 with k1, clip 0.2, value clip 0.2, lambda 0.95, gamma 1), 256 prompts x 1 completion per
+step and 400 steps (10 epochs of MedQA train's 10,178 questions), 1024 new tokens.
+"""
+import time
+from functools import partial
+
+import torch
+
+import grpo
+from grpo import Dist, Part, Rollout
+
+# Med-RLVR's recipe: the defaults of `python ppo.py`.
+MEDRLVR_DEFAULTS = dict(model="Qwen/Qwen2.5-3B", data="medqa_train", format="think_answer",
+                        reward_values="1,0,-1", prompt_style="medrlvr", group_size=1,
+                        batch_prompts=256, steps=400, lr=5e-7, kl_coef=0.01, kl_estimator="k1",
+                        max_new_tokens=1024, out="runs/ppo")
+# `--model tiny` (the CPU demo): the tiny model answers with whole-answer tokens, so the demo keeps
+# the boxed format but Med-RLVR's -1 for a bad format.
+TINY_DEFAULTS = dict(grpo.TINY_DEFAULTS, format="boxed", prompt_style="alphamed", reward_values="1,0,-1",
+                     group_size=1, batch_prompts=128, mini_batches=2, steps=150, critic_lr=1e-3)
+
+
+def get_args(argv=None):
+    p = grpo.build_parser(__doc__)
+    p.add_argument("--critic", default=None, help="critic init checkpoint (default: --model)")
+    p.add_argument("--critic-lr", type=float, default=9e-6, help="critic AdamW learning rate")
+    p.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--value-clip", type=float, default=0.2, help="clip value updates to +-this around the old values (0 = off)")
+    p.add_argument("--kl-target", type=float, default=None, help="adaptive KL: target per-token KL (default: fixed --kl-coef)")
+    p.add_argument("--kl-horizon", type=int, default=10000, help="adaptive KL: horizon in sequences")
+    p.set_defaults(**MEDRLVR_DEFAULTS)
+    if p.parse_known_args(argv)[0].model == "tiny":
+        p.set_defaults(**TINY_DEFAULTS)
+    args = p.parse_args(argv)
+    grpo.check_args(p, args)
+    return args
+
+
+# ----------------------------------------------------------------------------- the math
+
+def gae(rewards: list[float], values: list[float], gamma: float, lam: float):
+    """Generalised advantage estimation for one sequence (the value after the last token is 0).
+    Returns (advantages, returns = advantages + values)."""
+    adv, last = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(values) else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv, [a + v for a, v in zip(adv, values)]
+
+
+def token_rewards(final: float, logp: torch.Tensor, ref_logp, beta: float, kind: str) -> torch.Tensor:
+    """-beta * KL estimate at every response token, plus the rule reward at the last one."""
+    r = torch.zeros_like(logp) if ref_logp is None else -beta * grpo.kl_estimate(logp, ref_logp, kind)
+    r[-1] += final
+    return r
+
+
+def clipped_value_loss(values, old_values, returns, clip: float):
+    """Per-token 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped within +-clip of the old v."""
+    loss = (values - returns) ** 2
+    if clip > 0:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.maximum(loss, (clipped - returns) ** 2)
+    return 0.5 * loss
+
+
+class KLController:
+    """Fixed beta, or Ziegler et al.'s adaptive one: beta *= 1 + clip(KL / target - 1, +-0.2) * n / horizon."""
+
+    def __init__(self, beta: float, target: float | None, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int):
+        if self.target:
+            err = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.beta *= 1 + err * n / self.horizon
+
+
+# ----------------------------------------------------------------------------- the step
+
+def set_advantages(items: list[Rollout], beta: float, args, d: Dist) -> dict:
+    """Per-token rewards, GAE and globally whitened advantages on every item. Needs .values (and
+    .ref_logprobs when beta > 0); the policy's log-probs at sampling time are the old ones."""
+    sums = dict.fromkeys(["n", "adv", "adv2", "ret", "ret2", "err2", "kl"], 0.0)
+    for it in items:
+        logp = it.old_logprobs if it.old_logprobs is not None else torch.tensor(it.sampler_logprobs)
+        r = token_rewards(it.reward, logp, it.ref_logprobs, beta, args.kl_estimator)
+        adv, ret = gae(r.tolist(), it.values.tolist(), args.gamma, args.lam)
+        it.advantage, it.returns = torch.tensor(adv), torch.tensor(ret)
+        sums["n"] += len(adv)
+        sums["adv"] += it.advantage.sum().item()
+        sums["adv2"] += (it.advantage ** 2).sum().item()
+        sums["ret"] += it.returns.sum().item()
+        sums["ret2"] += (it.returns ** 2).sum().item()
+        sums["err2"] += ((it.returns - it.values) ** 2).sum().item()
+        if it.ref_logprobs is not None:
+            sums["kl"] += grpo.kl_estimate(logp, it.ref_logprobs, args.kl_estimator).sum().item()
+    g = dict(zip(sums, d.sum(list(sums.values()))))  # global over ranks
+    n = max(g["n"], 1)
+    mean, std = g["adv"] / n, max(g["adv2"] / n - (g["adv"] / n) ** 2, 0.0) ** 0.5
+    for it in items:
+        it.advantage = (it.advantage - mean) / (std + 1e-8)
+    var_returns = g["ret2"] / n - (g["ret"] / n) ** 2
+    return dict(kl_reward=g["kl"] / n, explained_variance=1 - (g["err2"] / n) / max(var_returns, 1e-8))
+
+
+def value_loss(critic, mb: grpo.MicroBatch, tot_tokens, tot_seqs, real: bool, first: bool, *, args):
+    v = critic(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, select=mb.select)  # (R,)
+    old, ret = grpo.per_token(mb, "values", v.device), grpo.per_token(mb, "returns", v.device)
+    w = grpo.token_weights(mb.lengths, args.loss_agg, tot_tokens, tot_seqs, args.max_new_tokens)
+    loss = (clipped_value_loss(v, old, ret, args.value_clip) * w.to(v.device) * float(real)).sum()
+    return loss, dict(value_loss=loss.item())
+
+
+def train_step(policy: Part, critic: Part, ref, kl_ctl: KLController, tok, train, step: int, args,
+               d: Dist):
+    t0 = time.perf_counter()
+    questions, offset = grpo.step_questions(train, step, args, d)
+    items = grpo.collect_rollouts(policy.module, tok, questions, args, step, d, offset)
+    metrics = grpo.rollout_metrics(items, d)
+    t1 = time.perf_counter()
+    if ref is not None:
+        grpo.score_tokens(ref, items, args, d, "ref_logprobs")
+    if args.ppo_epochs * args.mini_batches > 1:
+        grpo.score_tokens(policy.module, items, args, d, "old_logprobs")
+    grpo.score_tokens(critic.module, items, args, d, "values")
+    metrics.update(set_advantages(items, kl_ctl.beta, args, d), kl_coef=kl_ctl.beta)
+    t2 = time.perf_counter()
+    loss_fn = partial(grpo.policy_loss, policy.module, args=args, kl_coef=0.0)  # KL is in the reward
+    metrics.update(grpo.policy_metrics(grpo.update(policy, items, args, d, loss_fn), args))
+    critic_stats = grpo.update(critic, items, args, d, partial(value_loss, critic.module, args=args))
+    metrics.update(value_loss=critic_stats["value_loss"] / (args.ppo_epochs * args.mini_batches),
+                   critic_grad_norm=critic_stats["grad_norm"])
+    kl_ctl.update(metrics["kl_reward"], int(d.sum([len(items)])[0]))
+    t3 = time.perf_counter()
+    metrics.update(time_rollout=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, step_time=t3 - t0)
+    return metrics, items
+
+
+def main(argv=None):
+    args = get_args(argv)
+    d, path, tok = grpo.setup(args)
+    policy = grpo.make_part(path, args, d, args.lr)
+    critic_path = path if args.critic is None else grpo.model_path(args, d, args.critic)
+    critic = grpo.make_part(critic_path, args, d, args.critic_lr, value_head=True)
+    ref = grpo.load_reference(path, d) if args.kl_coef > 0 else None
+    train, val = grpo.load_questions(args, d)
+    kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
+    extra = {"kl_coef": kl_ctl.beta}
+
+    def step_fn(step):
+        kl_ctl.beta = extra["kl_coef"]  # restored on resume
+        out = train_step(policy, critic, ref, kl_ctl, tok, train, step, args, d)
+        extra["kl_coef"] = kl_ctl.beta
+        return out
+    grpo.run(args, d, {"policy": policy, "critic": critic}, tok, val, step_fn, "ppo", extra)
+
+
+if __name__ == "__main__":
+    main()
