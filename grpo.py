@@ -738,7 +738,7 @@ def setup(args):
 
 def make_part(path: str, args, d: Dist, lr: float, value_head: bool = False) -> Part:
     """A trainable model (fp32 master weights, FSDP2-sharded) with AdamW and the LR schedule."""
-    module = shard(M.load_model(path, dtype=torch.float32, value_head=value_head), d)
+    module = shard(M.load_model(path, d.device, torch.float32, value_head=value_head), d)
     module.gradient_checkpointing = args.grad_ckpt
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=args.weight_decay)
     total = args.steps * args.ppo_epochs * args.mini_batches
@@ -747,13 +747,17 @@ def make_part(path: str, args, d: Dist, lr: float, value_head: bool = False) -> 
 
 def load_reference(path: str, d: Dist):
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    return shard(M.load_model(path, dtype=dtype).requires_grad_(False), d)
+    return shard(M.load_model(path, d.device, dtype).requires_grad_(False), d)
 
 
 def run(args, d: Dist, parts: dict[str, Part], tok, val, step_fn, name: str, extra=None):
     """The outer loop: resume, steps, validation, logging, checkpoints. step_fn(step) -> (metrics,
     rollouts); `extra` is a dict of trainer state that step_fn updates, saved and restored too."""
     start, extra = 0, {} if extra is None else extra
+    if not args.resume and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+        raise FileExistsError(f"--out {args.out} already holds a run: pass --resume auto to continue "
+                              f"it, or choose another --out")
+    d.barrier()  # every rank has looked before rank 0's Logger creates metrics.jsonl
     if args.resume:
         found = sorted(checkpoints(args.out)) if args.resume == "auto" else [args.resume]
         if found:

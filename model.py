@@ -309,7 +309,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(hidden, weight, targets, temperature: float = 1.0, entropy: bool = False,
-                   chunk: int = 1024):
+                   chunk: int = 256):
     """Per-token log-probs of `targets` (and entropies) under softmax(hidden @ weight.T / T),
     without a `[tokens, vocab]` tensor. hidden (N, H), targets (N,) -> (N,), (N,) or None."""
     logp, ent = _TokenLogprobs.apply(hidden, weight, targets, temperature, chunk)

@@ -75,7 +75,7 @@ def main():
     p.add_argument("--tokens", type=int, default=4096, help="tokens (rows of hidden states)")
     p.add_argument("--hidden", type=int, default=1024, help="hidden size")
     p.add_argument("--vocab", type=int, default=128256, help="vocabulary size (Llama-3: 128,256)")
-    p.add_argument("--chunk", type=int, default=1024, help="token_logprobs chunk size (rows per block)")
+    p.add_argument("--chunk", type=int, default=256, help="token_logprobs chunk size (rows per block)")
     # run
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each subprocess")

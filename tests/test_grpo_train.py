@@ -84,3 +84,12 @@ def test_torchrun_two_ranks_matches_one(tmp_path):
     assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
     a, b = weights(os.path.join(one, "step-000002")), weights(ckpt)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_fresh_run_refuses_to_mix_into_an_old_one(tmp_path):
+    out = str(tmp_path / "run")
+    grpo.main(FAST + ["--steps", "1", "--out", out])
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        grpo.main(FAST + ["--steps", "1", "--out", out])
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        grpo.main(FAST + ["--steps", "2", "--out", out, "--resume", str(tmp_path)])
