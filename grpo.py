@@ -59,14 +59,19 @@ import rollout
 from reward import RewardInfo
 
 
-# `--model tiny` (the CPU demo) starts from these defaults instead; flags given still win.
+# `--model tiny` (the CPU demo) starts from these defaults instead; flags given still win, and
+# `--model tiny --help` shows them.
 TINY_DEFAULTS = dict(data="demo", batch_prompts=16, group_size=16, max_new_tokens=8, lr=1e-3,
                      warmup_steps=0, kl_coef=0.0, steps=200, micro_tokens=4096, save_every=50,
                      samples_every=10)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default after its help."""
+
+
 def build_parser(doc: str = __doc__) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     # model and data
     p.add_argument("--model", default="meta-llama/Llama-3.1-8B-Instruct", help="HF id, local dir, or 'tiny' (random-init, CPU demo)")
     p.add_argument("--data", default="medqa_train,medmcqa_train", help="comma-separated data.py names (or 'demo'); NAME=PATH reads a local raw file")
@@ -117,11 +122,18 @@ def build_parser(doc: str = __doc__) -> argparse.ArgumentParser:
     return p
 
 
+def wants_tiny(argv) -> bool:
+    """--model tiny given? (Looked up before the real parse, so --help shows the demo defaults.)"""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model")
+    return pre.parse_known_args(argv)[0].model == "tiny"
+
+
 def get_args(argv=None):
     p = build_parser()
     p.add_argument("--adv-norm", default="std", choices=["std", "none"], help="divide group-centred rewards by the group std (none = Dr. GRPO)")
     p.add_argument("--drop-zero-var", action="store_true", help="drop groups whose completions all got the same reward")
-    if p.parse_known_args(argv)[0].model == "tiny":
+    if wants_tiny(argv):
         p.set_defaults(**TINY_DEFAULTS)
     args = p.parse_args(argv)
     check_args(p, args)

@@ -54,7 +54,7 @@ def get_args(argv=None):
     p.add_argument("--kl-target", type=float, default=None, help="adaptive KL: target per-token KL (default: fixed --kl-coef)")
     p.add_argument("--kl-horizon", type=int, default=10000, help="adaptive KL: horizon in sequences")
     p.set_defaults(**MEDRLVR_DEFAULTS)
-    if p.parse_known_args(argv)[0].model == "tiny":
+    if grpo.wants_tiny(argv):
         p.set_defaults(**TINY_DEFAULTS)
     args = p.parse_args(argv)
     grpo.check_args(p, args)
