@@ -250,18 +250,23 @@ BENCHMARKS = {
 
 
 def load_benchmark(name: str, path=None, split: str | None = None) -> list[Question]:
-    """From the hub when path is None (`split` overrides the registry's), else from a raw file."""
+    """From the hub when path is None (`split` overrides the registry's), else from a raw file;
+    a .parquet file is read as a saved copy of the hub split (the hub's row layout)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     if name == "demo":
         return demo_questions(256, seed=0)
-    if path is not None:
-        return BENCHMARKS[name]["load"](path, source=name)
-    from datasets import load_dataset  # optional dependency: only the hub path needs it
     entry = BENCHMARKS[name]
-    hub_id, config, split = *entry["hub"][:2], split or entry["hub"][2]
-    rows = [(f"{hub_id} {split} row {i}", dict(r))
-            for i, r in enumerate(load_dataset(hub_id, config, split=split))]
+    if path is not None and Path(path).suffix != ".parquet":
+        return entry["load"](path, source=name)
+    if path is not None:
+        import pyarrow.parquet as pq  # comes with `datasets`
+        rows = [(f"{path} row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    else:
+        from datasets import load_dataset  # optional dependency: only the hub path needs it
+        hub_id, config, split = *entry["hub"][:2], split or entry["hub"][2]
+        rows = [(f"{hub_id} {split} row {i}", dict(r))
+                for i, r in enumerate(load_dataset(hub_id, config, split=split))]
     questions = _convert(rows, entry["hub_row"], name)
     return entry["select"](questions) if "select" in entry else questions
 

@@ -133,6 +133,20 @@ def medmcqa_rows(cop_base):
              "cop": i + cop_base, "subject_name": "Anatomy"} for i in range(4)]
 
 
+def test_parquet_copy_of_the_hub_split(tmp_path):
+    """A .parquet path is a saved hub split: MedMCQA's hub rows count cop from 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "validation.parquet"
+    pq.write_table(pa.Table.from_pylist(medmcqa_rows(0)), path)
+    questions = load_benchmark("medmcqa", path)
+    assert [q.answer for q in questions] == list("ABCD")
+    assert [q.options[q.answer] for q in questions] == list("abcd")
+    pq.write_table(pa.Table.from_pylist([dict(medmcqa_rows(0)[0], cop=7)]), path)
+    with pytest.raises(ValueError, match=r"validation.parquet row 0: 'cop' 7"):
+        load_benchmark("medmcqa", path)
+
+
 def test_medqa_fixture(tmp_path):
     questions = load_medqa(write_jsonl(tmp_path / "t.jsonl", MEDQA_ROWS))
     assert [q.id for q in questions] == ["medqa-00000", "medqa-00001"]

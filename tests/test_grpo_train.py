@@ -15,8 +15,6 @@ from conftest import ROOT, read_metrics as metrics, without_timing
 FAST = ["--model", "tiny", "--max-new-tokens", "4", "--batch-prompts", "8", "--group-size", "4"]
 
 
-
-
 def weights(step_dir):
     return load_file(os.path.join(step_dir, "model.safetensors"))
 

@@ -74,8 +74,6 @@ def test_adaptive_kl_controller():
 FAST = ["--model", "tiny", "--max-new-tokens", "4", "--batch-prompts", "8"]
 
 
-
-
 def test_ppo_demo_learns(tmp_path):
     out = str(tmp_path / "demo")
     ppo.main(["--model", "tiny", "--out", out, "--save-every", "1000"])
