@@ -41,7 +41,8 @@ MEDRLVR_DEFAULTS = dict(model="Qwen/Qwen2.5-3B", data="medqa_train", format="thi
 # `--model tiny` (the CPU demo): the tiny model answers with whole-answer tokens, so the demo keeps
 # the boxed format but Med-RLVR's -1 for a bad format.
 TINY_DEFAULTS = dict(grpo.TINY_DEFAULTS, format="boxed", prompt_style="alphamed", reward_values="1,0,-1",
-                     group_size=1, batch_prompts=128, mini_batches=2, steps=150, critic_lr=1e-3)
+                     group_size=1, batch_prompts=128, mini_batches=2, steps=200, critic_lr=1e-3,
+                     entropy_coef=0.05)  # one sample per prompt: without it some answers collapse
 
 
 def get_args(argv=None):
