@@ -53,6 +53,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import evaluate
 import model as M
 import reward
 import rollout
@@ -398,8 +399,7 @@ def score_tokens(model, items: list[Rollout], args, d: Dist, attr: str):
     mbs = micro_batches(items, args.micro_tokens, d.device)
     for i in range(d.max(len(mbs))):
         mb = mbs[i] if i < len(mbs) else dummy_batch(d.device)
-        out = model(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, select=mb.select,
-                    targets=mb.targets, temperature=args.temperature)
+        out = logprobs(model, mb, args.temperature)
         out = out[0] if isinstance(out, tuple) else out  # (log-probs, entropy) or values
         for it, chunk in zip(mb.items, out.float().split(mb.lengths)):
             setattr(it, attr, chunk.cpu())
@@ -677,21 +677,15 @@ def rollout_metrics(rollouts: list[Rollout], d: Dist) -> dict:
 
 
 @torch.no_grad()
-def validate(policy, tok, val, args, d: Dist) -> float:
-    """Greedy accuracy on the held-out questions, with the training sampler and reward."""
-    mine = val[d.rank::d.world]
-    correct = 0
-    if mine:
-        with Unsharded(policy) as m:
-            samples = rollout.generate(m, [data.encode_prompt(tok, q, args.prompt_style) for q in mine],
-                                       max_new_tokens=args.max_new_tokens, temperature=0,
-                                       stop_ids=rollout.stop_ids_for(m, tok),
-                                       max_cache_tokens=args.max_cache_tokens, progress=False)
-        for s in samples:
-            text = tok.decode(s.response_ids, skip_special_tokens=True)
-            correct += reward.score(text, mine[s.prompt_idx], args.format, args.reward_values)[1].correct
-    c, n = d.sum([correct, len(mine)])
-    return c / max(n, 1)
+def validate(policy, tok, val, args, d: Dist) -> dict:
+    """Greedy accuracy and format failures on the held-out questions, through evaluate.py with the
+    training prompt and format. Every rank gathers the weights, even one with no questions."""
+    greedy = argparse.Namespace(**{**vars(args), "k": 1, "temperature": 0.0})
+    with Unsharded(policy) as m:
+        generate_fn = evaluate.rollout_generate_fn(m, tok, greedy, progress=False)
+        res, _ = evaluate.evaluate_benchmark(val, generate_fn, args.format, d.rank, d.world)
+    return {} if res is None else dict(val_accuracy=res["accuracy"],
+                                       val_format_fail=res["format_failure_rate"])
 
 
 def train_step(policy: Part, ref, tok, train, step: int, args, d: Dist) -> tuple[dict, list]:
@@ -780,7 +774,7 @@ def run(args, d: Dist, parts: dict[str, Part], tok, val, step_fn, name: str, ext
     for step in bar:
         metrics, rollouts = step_fn(step)
         if args.val_every and (step + 1) % args.val_every == 0 and val:
-            metrics["val_accuracy"] = validate(parts["policy"].module, tok, val, args, d)
+            metrics.update(validate(parts["policy"].module, tok, val, args, d))
         show = rollouts[:2] if args.samples_every and step % args.samples_every == 0 else None
         logger.log(step + 1, metrics, show)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",

@@ -60,7 +60,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_torchrun_two_ranks_matches_one(tmp_path):
-    args = FAST + ["--steps", "2", "--kl-coef", "0.01", "--micro-tokens", "150"]
+    # --val-size 1: rank 1 has no validation question and must still join the weight gather.
+    args = FAST + ["--steps", "2", "--kl-coef", "0.01", "--micro-tokens", "150", "--val-size", "1",
+                   "--val-every", "2"]
     one = str(tmp_path / "one")
     grpo.main(args + ["--out", one])
     two = str(tmp_path / "two")
@@ -74,6 +76,8 @@ def test_torchrun_two_ranks_matches_one(tmp_path):
         assert r1["reward_mean"] == r2["reward_mean"] and r1["response_len"] == r2["response_len"]
         assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4, abs=1e-6)
         assert r1["kl"] == pytest.approx(r2["kl"], rel=1e-3, abs=1e-7)
+        assert r1.get("val_accuracy") == r2.get("val_accuracy")
+    assert "val_accuracy" in m2[-1] and "val_format_fail" in m2[-1]
     ckpt = os.path.join(two, "step-000002")
     ours = M.load_model(ckpt)
     from transformers import AutoModelForCausalLM
