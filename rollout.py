@@ -165,7 +165,7 @@ class _Run:
     """Host-side bookkeeping for one generate() call."""
 
     def __init__(self, prompts, n, cache: KVCache, seed: int, prompt_offset: int, device):
-        self.prompts, self.n, self.cache, self.device = prompts, n, cache, device
+        self.prompts, self.cache, self.device = prompts, cache, device
         self.queue = [(p, list(range(n))) for p in range(len(prompts))]  # waiting, prompt order
         self.slot_of = {}  # slot -> completion (prompt_idx, sample_idx)
         self.free = list(range(cache.slots))
@@ -232,8 +232,8 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
                          f"{max_len} tokens (longest prompt + max_new_tokens)")
     embed = model.model.embed_tokens.weight
     device, dtype = embed.device, embed.dtype
-    cache = KVCache(model.config, slots, max_len, device, dtype)
-    run = _Run(prompts, n, cache, seed, prompt_offset, device)
+    run = _Run(prompts, n, KVCache(model.config, slots, max_len, device, dtype), seed, prompt_offset,
+               device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     last = {}  # slot -> last sampled token, fed back next step
     bar = tqdm(total=n * len(prompts), desc="generate", disable=not progress, leave=False)
@@ -258,7 +258,7 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
         else:
             logits = None
     bar.close()
-    del run.cache
+    del run.cache  # the only reference: the cache memory is freed here
     return [Sample(p, j, list(prompts[p]), run.tokens[(p, j)], run.logps[(p, j)], run.done[(p, j)])
             for p in range(len(prompts)) for j in range(n)]
 
