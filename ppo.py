@@ -76,9 +76,9 @@ def gae(rewards: list[float], values: list[float], gamma: float, lam: float):
     return adv, [a + v for a, v in zip(adv, values)]
 
 
-def token_rewards(final: float, logp: torch.Tensor, ref_logp, beta: float, kind: str) -> torch.Tensor:
-    """-beta * KL estimate at every response token, plus the rule reward at the last one."""
-    r = torch.zeros_like(logp) if ref_logp is None else -beta * grpo.kl_estimate(logp, ref_logp, kind)
+def token_rewards(final: float, kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """-beta * the per-token KL estimate at every response token, plus the rule reward at the last."""
+    r = -beta * kl
     r[-1] += final
     return r
 
@@ -112,7 +112,9 @@ def set_advantages(items: list[Rollout], beta: float, args, d: Dist) -> dict:
     sums = dict.fromkeys(["n", "adv", "adv2", "ret", "ret2", "err2", "kl"], 0.0)
     for it in items:
         logp = it.old_logprobs if it.old_logprobs is not None else torch.tensor(it.sampler_logprobs)
-        r = token_rewards(it.reward, logp, it.ref_logprobs, beta, args.kl_estimator)
+        kl = torch.zeros_like(logp) if it.ref_logprobs is None else \
+            grpo.kl_estimate(logp, it.ref_logprobs, args.kl_estimator)
+        r = token_rewards(it.reward, kl, beta)
         adv, ret = gae(r.tolist(), it.values.tolist(), args.gamma, args.lam)
         it.advantage, it.returns = torch.tensor(adv), torch.tensor(ret)
         sums["n"] += len(adv)
@@ -121,8 +123,7 @@ def set_advantages(items: list[Rollout], beta: float, args, d: Dist) -> dict:
         sums["ret"] += it.returns.sum().item()
         sums["ret2"] += (it.returns ** 2).sum().item()
         sums["err2"] += ((it.returns - it.values) ** 2).sum().item()
-        if it.ref_logprobs is not None:
-            sums["kl"] += grpo.kl_estimate(logp, it.ref_logprobs, args.kl_estimator).sum().item()
+        sums["kl"] += kl.sum().item()
     g = dict(zip(sums, d.sum(list(sums.values()))))  # global over ranks
     n = max(g["n"], 1)
     mean, std = g["adv"] / n, max(g["adv2"] / n - (g["adv"] / n) ** 2, 0.0) ** 0.5

@@ -30,9 +30,10 @@ def test_gae_with_gamma_and_lambda_one_is_returns_to_go_minus_values():
 def test_kl_penalty_on_every_response_token_and_reward_on_the_last():
     logp = torch.tensor([-1.0, -2.0, -3.0])
     ref = torch.tensor([-1.5, -2.0, -2.5])
-    r = ppo.token_rewards(1.0, logp, ref, beta=0.1, kind="k1")  # k1 = logp - ref = [0.5, 0, -0.5]
+    kl = ppo.grpo.kl_estimate(logp, ref, "k1")  # k1 = logp - ref = [0.5, 0, -0.5]
+    r = ppo.token_rewards(1.0, kl, beta=0.1)
     assert torch.allclose(r, torch.tensor([-0.05, 0.0, 0.05 + 1.0]))
-    assert torch.equal(ppo.token_rewards(-1.0, logp, None, 0.1, "k1"), torch.tensor([0.0, 0.0, -1.0]))
+    assert torch.equal(ppo.token_rewards(-1.0, torch.zeros(3), 0.1), torch.tensor([0.0, 0.0, -1.0]))
 
 
 def test_kl_placement_through_the_trainer_path():
