@@ -15,10 +15,14 @@ Algorithmic choices and the flag that changes each:
   drop groups with one reward value     --drop-zero-var (their advantage is 0 anyway; they still
                                         count in the token normaliser unless dropped)
   clip range [1 - low, 1 + high]        --clip-low 0.2 --clip-high 0.2 (clip-higher: raise high)
-  dual clip for negative advantages     --dual-clip 0 (off; 3.0 is the usual value)
+  dual clip for negative advantages     --dual-clip 0 (off; verl applies 3.0 always)
   updates per rollout batch             --ppo-epochs 1 --mini-batches 1
   KL to the reference, in the loss      --kl-coef 0.001 --kl-estimator k1 | k2 | k3 (k3 default);
-                                        0 loads no reference model at all
+                                        0 loads no reference model at all. As a loss term k1's
+                                        expected gradient is zero (it regularises nothing), k2's
+                                        is the true gradient of KL(pi || ref), k3's (verl's
+                                        "low_var_kl") is that of KL(ref || pi): biased, low variance.
+                                        k3 follows the recipe; k2 for the exact KL gradient
   loss aggregation                      --loss-agg token-mean (over the global token count: all
                                         ranks and micro-batches) | seq-mean-token-mean |
                                         seq-mean-token-sum (Dr. GRPO: token sums / --max-new-tokens)
@@ -32,8 +36,10 @@ Algorithmic choices and the flag that changes each:
 
 AlphaMed defaults: the paper states Llama-3.1-8B-Instruct, MedQA train + difficulty-mixed MedMCQA
 train (19,178 questions), batch 512 prompts, 300 steps, binary boxed reward, verl's GRPO. It does
-not state G, lr, KL, clip, temperature or length; we use verl's usual GRPO values (G=8, lr 1e-6,
-k3 KL 0.001, clip 0.2, temperature 1.0) and 2048 new tokens (ample for MCQA reasoning).
+not state G, lr, KL, clip, temperature or length. We use verl's defaults and GRPO example scripts
+for lr 1e-6, KL in the loss with k3 ("low_var_kl") at 0.001, clip 0.2 and temperature 1.0; G = 8
+is TRL's default number of generations (verl's GRPO example scripts use 5); 2048 new tokens
+(ample for MCQA reasoning). Activation checkpointing is on (--no-grad-ckpt turns it off).
 
 Memory arithmetic for the default recipe on 8 x 80 GB: README.md, "Memory".
 """
@@ -64,7 +70,7 @@ from reward import RewardInfo
 # `--model tiny --help` shows them.
 TINY_DEFAULTS = dict(data="demo", batch_prompts=16, group_size=16, max_new_tokens=8, lr=1e-3,
                      warmup_steps=0, kl_coef=0.0, steps=200, micro_tokens=4096, save_every=50,
-                     samples_every=10)
+                     samples_every=10, grad_ckpt=False)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -111,7 +117,9 @@ def build_parser(doc: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after warmup")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
     p.add_argument("--micro-tokens", type=int, default=16384, help="token budget of one packed training micro-batch")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation checkpointing per block (an 8B update at --micro-tokens 16384 keeps "
+                        "~4 GB of activations with it, ~106 GB without: bench/activations.py)")
     # run
     p.add_argument("--out", default="runs/grpo", help="output dir: checkpoints, metrics.jsonl, samples.jsonl")
     p.add_argument("--seed", type=int, default=0, help="one seed for data order, sampling and init")
@@ -178,19 +186,31 @@ def group_advantages(rewards: torch.Tensor, norm: str = "std", eps: float = 1e-6
     return adv
 
 
+# exp() of a log-ratio beyond this overflows float32 or makes the loss astronomically large: clamp
+# first (verl and OpenRLHF clamp at +-20 too). Tokens beyond it get no gradient from the term.
+LOG_RATIO_BOUND = 20.0
+
+
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi. k3 >= 0 and low variance."""
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, r = log pi - log pi_ref.
+
+    k1 = r: unbiased value, but as a loss term its expected gradient is zero (E_pi[grad log pi] = 0),
+    so it regularises nothing; use it in a reward (PPO), not in a loss.
+    k2 = r^2 / 2: its gradient, E_pi[r grad log pi], is the true gradient of KL(pi || pi_ref).
+    k3 = exp(-r) + r - 1 >= 0: low variance, but its gradient is that of KL(pi_ref || pi) (biased).
+    """
     log_ratio = logp - ref_logp
     if kind == "k1":
         return log_ratio
     if kind == "k2":
         return 0.5 * log_ratio ** 2
-    return (torch.exp(-log_ratio) + log_ratio - 1).clamp(min=0)  # k3; clamp: fp rounding near 0
+    r = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    return (torch.exp(-r) + r - 1).clamp(min=0)  # k3; clamp(min=0): fp rounding near r = 0
 
 
 def clipped_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip=0.0):
     """PPO's pessimistic clipped policy loss per token, and where clipping was active."""
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     loss_plain = -adv * ratio
     loss_clip = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(loss_plain, loss_clip)
@@ -269,6 +289,32 @@ def shard(module: torch.nn.Module, d: Dist):
     for block in module.model.layers:
         fully_shard(block, mp_policy=mp)
     return fully_shard(module, mp_policy=mp)
+
+
+def load_sharded(path: str, d: Dist, dtype: torch.dtype, value_head: bool = False):
+    """A model from an HF checkpoint, FSDP2-sharded, with one host copy of the weights: every rank
+    builds it on the meta device, shards it and allocates only its own shards; rank 0 reads the
+    checkpoint and broadcasts it tensor by tensor, each rank keeping its slice. Host memory holds
+    one copy of the checkpoint (rank 0's); each device its shards plus one tensor in flight."""
+    if not dist.is_initialized():
+        return M.load_model(path, d.device, dtype, value_head=value_head)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model, path, head_new = M.build_model(path, value_head, dtype)
+    state, error = {}, [None]
+    if d.main:
+        try:
+            state = M.read_weights(model, path, head_new)
+        except (OSError, ValueError) as e:  # every rank raises it, none waits in a broadcast
+            error = [e]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+    shard(model, d)
+    model.to_empty(device=d.device)
+    # strict=False: a tied lm_head has no key of its own; read_weights has checked every key.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, state, options=options)
+    return M.finish_loading(model, path, d.device)
 
 
 class Unsharded:
@@ -421,8 +467,6 @@ def update(part: "Part", items: list[Rollout], args, d: Dist, loss_fn) -> dict:
             for i in range(n_mb):
                 real = i < len(mbs)
                 mb = mbs[i] if real else dummy_batch(d.device)
-                if hasattr(module, "set_requires_gradient_sync"):
-                    module.set_requires_gradient_sync(i == n_mb - 1)  # reduce once per step
                 first = epoch == 0 and k == 0  # weights still equal the sampler's
                 loss, s = loss_fn(mb, max(tot_tokens, 1), max(tot_seqs, 1), real, first)
                 (loss * d.world).backward()  # FSDP averages over ranks; the weights already do
@@ -744,7 +788,7 @@ def setup(args):
 
 def make_part(path: str, args, d: Dist, lr: float, value_head: bool = False) -> Part:
     """A trainable model (fp32 master weights, FSDP2-sharded) with AdamW and the LR schedule."""
-    module = shard(M.load_model(path, d.device, torch.float32, value_head=value_head), d)
+    module = load_sharded(path, d, torch.float32, value_head)
     module.gradient_checkpointing = args.grad_ckpt
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=args.weight_decay)
     total = args.steps * args.ppo_epochs * args.mini_batches
@@ -753,7 +797,7 @@ def make_part(path: str, args, d: Dist, lr: float, value_head: bool = False) -> 
 
 def load_reference(path: str, d: Dist):
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    return shard(M.load_model(path, d.device, dtype).requires_grad_(False), d)
+    return load_sharded(path, d, dtype).requires_grad_(False)
 
 
 def run(args, d: Dist, parts: dict[str, Part], tok, val, step_fn, name: str, extra=None):

@@ -29,6 +29,9 @@ except ImportError:
     FLASH = None
 
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# A critic (PPO's value model) is saved as transformers' token-classification model with one label:
+# the same trunk, and a `score` head (hidden -> 1, with bias) giving one value per token.
+CRITIC_ARCHS = {"LlamaForTokenClassification": "llama", "Qwen2ForTokenClassification": "qwen2"}
 
 
 def use_flash(x: torch.Tensor) -> bool:
@@ -58,15 +61,18 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
-    value_head: bool = False  # PPO critic: a scalar head instead of logits
+    value_head: bool = False  # PPO critic: a scalar `score` head instead of logits
     raw: dict = field(default_factory=dict, repr=False)  # config.json as read, written back on save
 
     @classmethod
     def from_hf(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
-        arch = ARCHS.get((cfg.get("architectures") or [""])[0])
+        name = (cfg.get("architectures") or [""])[0]
+        arch = ARCHS.get(name) or CRITIC_ARCHS.get(name)
         if arch is None:
             raise ValueError(f"{where}: unsupported architecture {cfg.get('architectures')}; "
-                             f"medrl supports {sorted(ARCHS)}")
+                             f"medrl supports {sorted(ARCHS) + sorted(CRITIC_ARCHS)}")
+        if name in CRITIC_ARCHS and cfg.get("num_labels", len(cfg.get("id2label") or [0])) != 1:
+            raise ValueError(f"{where}: a {name} critic needs num_labels 1")
         if cfg.get("mlp_bias") or cfg.get("use_sliding_window"):
             raise ValueError(f"{where}: mlp_bias / sliding-window attention are not supported")
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -87,7 +93,7 @@ class ModelConfig:
             rope_scaling=rope if rope_type == "llama3" else None,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or attention_bias, o_bias=arch == "llama" and attention_bias,
-            value_head=bool(cfg.get("medrl_value_head", False)), raw=dict(cfg))
+            value_head=name in CRITIC_ARCHS, raw=dict(cfg))
 
     def to_hf(self) -> dict:
         """config.json readable by transformers 4 (rope_theta/rope_scaling) and 5 (rope_parameters)."""
@@ -100,10 +106,11 @@ class ModelConfig:
         scaling = dict(self.rope_scaling, rope_type="llama3") if self.rope_scaling else None
         cfg["rope_scaling"] = scaling
         cfg["rope_parameters"] = dict(scaling or {"rope_type": "default"}, rope_theta=self.rope_theta)
-        cfg["architectures"] = [{v: k for k, v in ARCHS.items()}[self.arch]]
+        names = CRITIC_ARCHS if self.value_head else ARCHS
+        cfg["architectures"] = [{v: k for k, v in names.items()}[self.arch]]
         cfg["model_type"] = self.arch
-        if self.value_head:
-            cfg["medrl_value_head"] = True
+        if self.value_head:  # transformers' token classification with a single label
+            cfg.update(num_labels=1, id2label={"0": "value"}, label2id={"value": 0})
         return cfg
 
 
@@ -229,7 +236,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = Trunk(cfg)
         if cfg.value_head:  # a critic: one value per token instead of logits
-            self.value_head = nn.Linear(cfg.hidden_size, 1)
+            self.score = nn.Linear(cfg.hidden_size, 1)
         else:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -263,7 +270,7 @@ class CausalLM(nn.Module):
         if select is not None:
             x = x[select]
         if self.config.value_head:
-            return self.value_head(x).squeeze(-1).float()  # (N,)
+            return self.score(x).squeeze(-1).float()  # (N,)
         if targets is not None:
             return token_logprobs(x, self.lm_head.weight, targets, temperature, entropy)
         logits = self.lm_head(x)
@@ -357,7 +364,7 @@ def check_keys(model: CausalLM, state: dict, path: str, value_head_new: bool):
         expected.pop("lm_head.weight", None)
         state.pop("lm_head.weight", None)  # tied checkpoints may store it; a critic has none
     if value_head_new:
-        expected.pop("value_head.weight", None), expected.pop("value_head.bias", None)
+        expected.pop("score.weight", None), expected.pop("score.bias", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
@@ -367,9 +374,9 @@ def check_keys(model: CausalLM, state: dict, path: str, value_head_new: bool):
                          f"unexpected {unexpected[:10]}, shape mismatches {shapes[:10]}")
 
 
-def load_model(name_or_path: str, device="cpu", dtype=torch.float32, value_head: bool = False):
-    """Build the model from an HF checkpoint (local dir or hub id). `value_head=True` builds a
-    critic: the trunk with a scalar head (zero-init unless the checkpoint has one), no lm_head."""
+def build_model(name_or_path: str, value_head: bool = False, dtype=torch.float32):
+    """(model on the meta device, its local dir, whether its value head is new): the architecture
+    from config.json, no weights yet. `value_head=True` makes a critic of a causal LM checkpoint."""
     path = resolve(name_or_path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
@@ -379,21 +386,41 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.float32, value_head:
     head_new = value_head and not cfg.value_head
     cfg.value_head = cfg.value_head or value_head
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = CausalLM(cfg).to(dtype)
+    model.tie_weights()
+    return model, path, head_new
+
+
+def read_weights(model: CausalLM, path: str, head_new: bool) -> dict:
+    """The checkpoint's tensors (as stored), checked against the model; a new value head is zero
+    so that the critic's first values are 0 whatever the trunk says."""
     state = read_state_dict(path)
     check_keys(model, state, path, head_new)
-    if head_new:  # zero-init so initial values are 0 whatever the trunk says
-        state["value_head.weight"] = torch.zeros(1, cfg.hidden_size)
-        state["value_head.bias"] = torch.zeros(1)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=not (cfg.tie_word_embeddings and not cfg.value_head), assign=True)
-    model.tie_weights()
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    if head_new:
+        state["score.weight"] = torch.zeros(1, model.config.hidden_size)
+        state["score.bias"] = torch.zeros(1)
+    return state
+
+
+def finish_loading(model: CausalLM, path: str, device):
+    """What a checkpoint's tensors do not hold: the rotary table and the generation config."""
+    model.inv_freq = rope_inv_freq(model.config).to(device)
     gen = os.path.join(path, "generation_config.json")
     if os.path.exists(gen):
         with open(gen) as f:
             model.generation_config = json.load(f)
     return model
+
+
+def load_model(name_or_path: str, device="cpu", dtype=torch.float32, value_head: bool = False):
+    """Build the model from an HF checkpoint (local dir or hub id). `value_head=True` builds a
+    critic: the trunk with a scalar head (zero-init unless the checkpoint has one), no lm_head."""
+    model, path, head_new = build_model(name_or_path, value_head, dtype)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in read_weights(model, path, head_new).items()}
+    cfg = model.config
+    model.load_state_dict(state, strict=not (cfg.tie_word_embeddings and not cfg.value_head), assign=True)
+    model.tie_weights()
+    return finish_loading(model, path, device)
 
 
 def save_model(model: CausalLM, tokenizer, out_dir: str, state_dict: dict | None = None,

@@ -27,3 +27,54 @@ def read_metrics(out):
 def without_timing(rows):
     """Metrics rows minus the wall-clock ones, which differ between identical runs."""
     return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+
+
+class ThreadRanks:
+    """`world` simulated ranks in threads of one process: their Dist.sum / max are real
+    all-reduces among the threads, so per-rank code can be checked against global hand values
+    without torchrun. run(fn) calls fn(dist) on every rank and returns the results in rank order."""
+
+    def __init__(self, world: int):
+        import threading
+        self.world = world
+        self.wait = threading.Barrier(world, timeout=60)
+        self.slots = [None] * world
+
+    def exchange(self, rank, value):
+        self.slots[rank] = value
+        self.wait.wait()
+        everyone = list(self.slots)
+        self.wait.wait()  # nobody overwrites a slot before all have read
+        return everyone
+
+    def run(self, fn):
+        import threading
+        from grpo import Dist
+        group = self
+
+        class RankDist(Dist):
+            def sum(self, values):
+                return [sum(col) for col in zip(*group.exchange(self.rank, list(values)))]
+
+            def max(self, value):
+                return max(group.exchange(self.rank, value))
+
+            def barrier(self):
+                group.exchange(self.rank, None)
+
+        results, errors = [None] * self.world, []
+
+        def target(rank):
+            try:
+                results[rank] = fn(RankDist(rank, self.world))
+            except BaseException as e:  # re-raised in the caller
+                errors.append(e)
+                self.wait.abort()
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results

@@ -1,4 +1,5 @@
 """grpo.py's math against hand-computed references."""
+import functools
 import math
 
 import pytest
@@ -34,6 +35,33 @@ def test_kl_estimators():
     for kind in ("k1", "k2", "k3"):
         assert torch.equal(grpo.kl_estimate(x, x, kind), torch.zeros_like(x))
     assert (grpo.kl_estimate(x, y, "k3") >= 0).all()
+
+
+def test_kl_estimator_gradients():
+    """d/d(log pi) of each estimator, r = log pi - log pi_ref: k1 -> 1 (zero in expectation: no
+    regularisation), k2 -> r (the true KL gradient), k3 -> 1 - exp(-r)."""
+    r = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0])
+    for kind, expected in (("k1", torch.ones(5)), ("k2", r), ("k3", 1 - torch.exp(-r))):
+        logp = (r + 0.5).requires_grad_()
+        grpo.kl_estimate(logp, torch.full((5,), 0.5), kind).sum().backward()
+        assert torch.allclose(logp.grad, expected, atol=1e-6), kind
+
+
+@pytest.mark.parametrize("log_ratio", [-100.0, -90.0, -21.0, 21.0, 90.0, 100.0])
+def test_extreme_log_ratios_give_finite_losses_and_gradients(log_ratio):
+    for kind in ("k1", "k2", "k3"):
+        logp = torch.tensor([log_ratio], requires_grad=True)
+        value = grpo.kl_estimate(logp, torch.zeros(1), kind)
+        value.sum().backward()
+        assert torch.isfinite(value).all() and torch.isfinite(logp.grad).all(), kind
+    for adv in (1.0, -1.0):
+        for dual in (0.0, 3.0):
+            logp = torch.tensor([log_ratio], requires_grad=True)
+            loss, _ = grpo.clipped_surrogate(logp, torch.zeros(1), torch.tensor([adv]), 0.2, 0.2, dual)
+            loss.sum().backward()
+            assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all(), (adv, dual)
+            # beyond the clamp the ratio is exp(20): a huge but finite loss, and no gradient
+            assert loss.abs().item() <= math.exp(20) + 1 and logp.grad.item() == 0.0
 
 
 @pytest.mark.parametrize("ratio,adv,dual,loss,clipped", [
@@ -90,34 +118,108 @@ def args_for(**kw):
     return a
 
 
-def grads_of(policy, items, args, micro_tokens):
+def naive_logprobs(policy, it, temperature):
+    """Per-response-token log-probs and entropies from one unpacked sequence and a full
+    log-softmax: nothing shared with the packed, chunked path under test."""
+    logits = policy(torch.tensor([it.prompt_ids + it.response_ids]))[0] / temperature  # (L, V)
+    p = len(it.prompt_ids)
+    rows = logits[p - 1:p - 1 + len(it.response_ids)].log_softmax(-1)  # (R, V)
+    lp = rows.gather(-1, torch.tensor(it.response_ids)[:, None]).squeeze(-1)
+    return lp, -(rows.exp() * rows).sum(-1)
+
+
+def reference_loss(policy, items, args, kl_coef):
+    """GRPO's loss written out by hand, sequence by sequence."""
+    total_tokens, n, loss = sum(len(it.response_ids) for it in items), len(items), 0.0
+    for it in items:
+        lp, ent = naive_logprobs(policy, it, args.temperature)
+        old = lp.detach() if it.old_logprobs is None else it.old_logprobs
+        ratio = torch.exp(lp - old)
+        a = it.advantage
+        surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.clip_low, 1 + args.clip_high))
+        tok = surrogate - args.entropy_coef * ent
+        if kl_coef:
+            d = it.ref_logprobs - lp
+            tok = tok + kl_coef * (torch.exp(d) - d - 1)  # k3
+        if args.loss_agg == "token-mean":
+            loss = loss + tok.sum() / total_tokens
+        elif args.loss_agg == "seq-mean-token-mean":
+            loss = loss + tok.mean() / n
+        else:
+            loss = loss + tok.sum() / (args.max_new_tokens * n)
+    return loss
+
+
+def grads(policy, loss_fn):
     policy.zero_grad()
-    mbs = grpo.micro_batches(items, micro_tokens, "cpu")
-    tot = sum(len(it.response_ids) for it in items)
-    for mb in mbs:
-        loss, _ = grpo.policy_loss(policy, mb, tot, len(items), True, False, args=args,
-                                   kl_coef=args.kl_coef)
-        loss.backward()
+    loss_fn()
     return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
 
 
+def packed_loss(policy, items, args, micro_tokens, kl_coef):
+    tot = sum(len(it.response_ids) for it in items)
+    for mb in grpo.micro_batches(items, micro_tokens, "cpu"):
+        loss, _ = grpo.policy_loss(policy, mb, tot, len(items), True, False, args=args,
+                                   kl_coef=kl_coef)
+        loss.backward()
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_one_update_is_the_plain_policy_gradient(policy, agg):
-    """Ratio 1 on-policy: the clipped loss's gradient is that of -sum(w * A * log pi), however
-    the batch is cut into micro-batches."""
-    items, args = make_items(), args_for(loss_agg=agg)
-    g_small = grads_of(policy, items, args, micro_tokens=10)  # several micro-batches
-    g_big = grads_of(policy, items, args, micro_tokens=10_000)
-    policy.zero_grad()
-    mb = grpo.micro_batches(items, 10_000, "cpu")[0]
-    lp, _ = grpo.logprobs(policy, mb, args.temperature)
-    w = grpo.token_weights(mb.lengths, agg, sum(mb.lengths), len(items), args.max_new_tokens)
-    adv = torch.cat([torch.full((n,), it.advantage) for it, n in zip(items, mb.lengths)])
-    (-(w * adv * lp)).sum().backward()
-    g_ref = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
-    assert g_ref.abs().sum() > 0
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_policy_loss_gradient_equals_the_hand_written_loss(policy, agg, off_policy):
+    """policy_loss over packed micro-batches (however cut) has the gradient of GRPO's loss written
+    by hand: on-policy (ratio 1) and off-policy (old log-probs from an earlier policy, so some
+    ratios fall outside the clip range), with k3 KL in the loss and an entropy bonus."""
+    items, args = make_items(), args_for(loss_agg=agg, entropy_coef=0.01, clip_high=0.28)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for it in items:
+            lp, _ = naive_logprobs(policy, it, args.temperature)
+            it.ref_logprobs = lp + 0.2 * torch.randn(len(lp), generator=g)
+            if off_policy:
+                it.old_logprobs = lp + 0.4 * torch.randn(len(lp), generator=g)
+    if off_policy:
+        ratios = torch.cat([torch.exp(naive_logprobs(policy, it, 0.8)[0] - it.old_logprobs)
+                            for it in items])
+        assert ((ratios < 0.8) | (ratios > 1.28)).any() and ((ratios > 0.8) & (ratios < 1.28)).any()
+    g_ref = grads(policy, lambda: reference_loss(policy, items, args, 0.05).backward())
+    g_small = grads(policy, lambda: packed_loss(policy, items, args, 10, 0.05))  # several batches
+    g_big = grads(policy, lambda: packed_loss(policy, items, args, 10_000, 0.05))
+    assert g_ref.abs().sum() > 0 and len(grpo.micro_batches(items, 10, "cpu")) > 1
     assert torch.allclose(g_small, g_ref, atol=1e-6) and torch.allclose(g_big, g_ref, atol=1e-6)
-    assert len(grpo.micro_batches(items, 10, "cpu")) > 1
+
+
+class Mirrored(grpo.Dist):
+    """Two ranks holding identical data: every all-reduced sum doubles."""
+
+    def __init__(self):
+        super().__init__(0, 2)
+
+    def sum(self, values):
+        return [2 * v for v in values]
+
+    def max(self, value):
+        return value
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_update_sums_to_the_global_gradient_over_ranks(tmp_path, agg):
+    """FSDP averages gradients over ranks while the loss weights are global: each rank must scale
+    its loss by the world size. With two ranks holding the same items, one plain-SGD step equals
+    the one-rank step on those items."""
+    path = make_tiny_checkpoint(str(tmp_path / "m"), seed=5)
+    args = args_for(loss_agg=agg, grad_clip=0.0, micro_tokens=12)
+    weights = []
+    for d in (grpo.Dist(), Mirrored()):
+        module = M.load_model(path)
+        opt = torch.optim.SGD(module.parameters(), lr=1.0)
+        part = grpo.Part(module, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0))
+        grpo.update(part, make_items(), args, d, functools.partial(grpo.policy_loss, module,
+                                                                   args=args, kl_coef=0.0))
+        weights.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
+    before = torch.cat([p.flatten() for p in M.load_model(path).parameters()])
+    assert (weights[0] - before).abs().max() > 1e-4
+    assert torch.allclose(weights[0], weights[1], atol=1e-7)
 
 
 def test_micro_batches_respect_the_token_budget():

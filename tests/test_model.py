@@ -153,16 +153,29 @@ def test_gradient_checkpointing_gives_same_grads(ckpts):
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_value_head(ckpts, tmp_path):
-    critic = M.load_model(ckpts["qwen2"], value_head=True)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_critic_checkpoint_is_a_transformers_value_model(ckpts, tmp_path, arch):
+    """A saved critic loads in transformers as XForTokenClassification (one label) with its trained
+    head, and gives the values medrl's critic gives."""
+    from transformers import AutoModelForTokenClassification
+    critic = M.load_model(ckpts[arch], value_head=True)
     ids, pos, cu, mx = M.pack([[1, 2, 3], [4, 5]])
     v = critic(ids, pos, cu, mx)
     assert v.shape == (5,) and torch.all(v == 0)  # zero-initialised head
+    torch.manual_seed(0)
     with torch.no_grad():
-        critic.value_head.bias.fill_(0.5)
+        critic.score.weight.normal_(std=0.5)
+        critic.score.bias.fill_(0.5)
     M.save_model(critic, None, str(tmp_path / "critic"))
+    with open(tmp_path / "critic" / "config.json") as f:
+        assert json.load(f)["architectures"][0].endswith("ForTokenClassification")
     again = M.load_model(str(tmp_path / "critic"))
-    assert again.config.value_head and torch.allclose(again(ids, pos, cu, mx), torch.full((5,), 0.5))
+    ours = again(ids, pos, cu, mx)
+    assert again.config.value_head and torch.equal(ours, critic(ids, pos, cu, mx))
+    hf = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "critic"), dtype=torch.float32)
+    hf_values = torch.cat([hf(torch.tensor([s])).logits[0, :, 0] for s in ([1, 2, 3], [4, 5])])
+    assert hf.config.num_labels == 1 and torch.equal(hf.score.bias, critic.score.bias)
+    assert (hf_values - ours).abs().max() < 1e-5 and ours.std() > 0
 
 
 # ----------------------------------------------------------------------------- errors
