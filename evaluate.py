@@ -1,22 +1,23 @@
-r"""Score a checkpoint on the medical benchmarks: accuracy, bootstrap std, format failures, pass@k.
+r"""Score a checkpoint on the medical benchmarks: accuracy, bootstrap std, format failures, pass@n.
 
     python evaluate.py ckpt/                       # AlphaMed's six benchmarks from the hub, greedy
-    python evaluate.py ckpt/ --data-dir ../shared/data --limit 50 --k 8   # raw files; pass@8
+    python evaluate.py ckpt/ --data-dir ../shared/data --limit 50 --num-samples 8   # pass@8
     torchrun --nproc_per_node 8 evaluate.py ckpt/  # questions split over ranks, the same numbers
-    python evaluate.py ckpt/ --passk 4 --benchmarks medmcqa_train  # pass rates for grpo.py's mix
+    python evaluate.py ckpt/ --num-samples 4 --pass-rates --benchmarks medmcqa_train
 
 Choices and the flag that changes each:
   benchmarks  --benchmarks (data.BENCHMARKS names), --data-dir (raw files, not the hub), --limit.
               gpqa_medical (gated) is skipped with a note when it cannot be loaded.
   prompt      --prompt-style (default follows --format), --format: training's templates and parser.
-  sampling    greedy by default; --k N samples at --temperature (1.0 when k > 1), --top-p, --seed.
+  sampling    greedy by default; --num-samples n at --temperature (1.0 when n > 1), --top-p, --seed.
   metrics     accuracy: mean over all samples; majority_accuracy: most common parsed letter (ties:
-              the one seen first in sample order; nothing parsable = wrong); pass_at_k: any sample
-              correct (n = k: the unbiased estimator); bootstrap_std: std of accuracy over
+              the one seen first in sample order; nothing parsable = wrong); pass_at_n: any of the
+              n samples correct; bootstrap_std: std of accuracy over
               --bootstrap resamples of questions; lenient_extra / lenient_accuracy: what LENIENT_*
               reads where strict parsing failed, so format failures show instead of hiding.
   output      --out DIR: results.json, <benchmark>.jsonl (prompt, completions, parses), a table;
-              --passk N (sets --k N) adds pass_rates.jsonl for data.difficulty_mix.
+              --pass-rates adds pass_rates.jsonl (correct of n per question) for
+              data.difficulty_mix.
 """
 import argparse
 import json
@@ -26,59 +27,77 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 import data
 import model as M
 import reward
 import rollout
+from parallel import Dist, setup_dist
 
 OPTIONAL = {"gpqa_medical"}  # gated: skipped, not fatal, when it cannot be had
 # Lenient parser: the last declared answer ("answer is: X", "answer: (X)", \boxed{X}, <answer>X),
 # else the last standalone capital letter that is an option (an upper bound: "A" may be an article).
-LENIENT_DECLARED = re.compile(r"(?:(?i:answer\s*(?:is)?\s*:?)|\\boxed\{|<answer>)\s*\(?([A-Z])(?![A-Za-z])")
+LENIENT_DECLARED = re.compile(
+    r"(?:(?i:answer\s*(?:is)?\s*:?)|\\boxed\{|<answer>)\s*\(?([A-Z])(?![A-Za-z])")
 LENIENT_LETTER = re.compile(r"(?<![A-Za-z0-9_\\])([A-Z])(?![A-Za-z0-9_])")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="HF-format checkpoint: a local dir (e.g. medrl's out/step-N) or a hub id")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint",
+                   help="HF-format checkpoint: a local dir (e.g. medrl's out/step-N) or a hub id")
     # data
-    p.add_argument("--benchmarks", default="medqa,medmcqa,pubmedqa,mmlu_pro_health,gpqa_medical,medxpertqa",
+    p.add_argument("--benchmarks",
+                   default="medqa,medmcqa,pubmedqa,mmlu_pro_health,gpqa_medical,medxpertqa",
                    help="comma-separated data.BENCHMARKS names (default: AlphaMed's six)")
-    p.add_argument("--data-dir", default=None, help="folder of raw files laid out like ../shared/data (default: the HF hub)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N questions of each benchmark (0 = all)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of raw files laid out like ../shared/data (default: the HF hub)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="only the first N questions of each benchmark (0 = all)")
     # prompt and answer format
-    p.add_argument("--format", default="boxed", choices=reward.FORMATS, help="answer format the strict parser reads")
-    p.add_argument("--prompt-style", default=None, choices=["alphamed", "medrlvr"], help="prompt template (default: medrlvr for think_answer, else alphamed)")
+    p.add_argument("--format", default="boxed", choices=reward.FORMATS,
+                   help="answer format the strict parser reads")
+    p.add_argument("--prompt-style", default=None, choices=["alphamed", "medrlvr"],
+                   help="prompt template (default: medrlvr for think_answer, else alphamed)")
     # sampling
-    p.add_argument("--k", type=int, default=1, help="samples per question (pass@k, majority vote)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 0 = greedy when k == 1, else 1.0)")
+    p.add_argument("--num-samples", dest="n", type=int, default=1,
+                   help="n: samples per question (pass@n, majority vote)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: 0 = greedy when n == 1, else 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="completion length cap")
-    p.add_argument("--max-cache-tokens", type=int, default=262144, help="KV-cache budget per rank, in tokens")
+    p.add_argument("--max-cache-tokens", type=int, default=262144,
+                   help="KV-cache budget per rank, in tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling noise and bootstrap resamples")
     # metrics and output
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the accuracy std")
-    p.add_argument("--passk", type=int, default=0, help="difficulty labelling: N samples per question (overrides --k) and write pass_rates.jsonl")
-    p.add_argument("--out", default="runs/eval", help="output dir: results.json and one JSONL of samples per benchmark")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the accuracy std")
+    p.add_argument("--pass-rates", action="store_true",
+                   help="difficulty labelling: write pass_rates.jsonl (correct of n samples per "
+                        "question)")
+    p.add_argument("--out", default="runs/eval",
+                   help="output dir: results.json and one JSONL of samples per benchmark")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     unknown = [n for n in names if n not in data.BENCHMARKS]
     if unknown or not names:
-        p.error(f"--benchmarks: unknown {', '.join(unknown) or 'empty list'}; known: {', '.join(data.BENCHMARKS)}")
-    args.k = args.passk or args.k
-    for flag, ok, need in (("--passk", args.passk >= 0, ">= 0"), ("--k", args.k >= 1, ">= 1"),
-                           ("--limit", args.limit >= 0, ">= 0"), ("--bootstrap", args.bootstrap >= 1, ">= 1"),
-                           ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"), ("--top-p", 0 < args.top_p <= 1,
-                           "in (0, 1]"), ("--temperature", (args.temperature or 0) >= 0, ">= 0")):
+        p.error(f"--benchmarks: unknown {', '.join(unknown) or 'empty list'}; "
+                f"known: {', '.join(data.BENCHMARKS)}")
+    rules = [("--num-samples", args.n, args.n >= 1, ">= 1"),
+             ("--limit", args.limit, args.limit >= 0, ">= 0"),
+             ("--bootstrap", args.bootstrap, args.bootstrap >= 1, ">= 1"),
+             ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+             ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+             ("--temperature", args.temperature, (args.temperature or 0) >= 0, ">= 0")]
+    for flag, value, ok, need in rules:
         if not ok:
-            p.error(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
+            p.error(f"{flag} must be {need}, got {value}")
     args.benchmarks = names
-    args.prompt_style = args.prompt_style or ("medrlvr" if args.format == "think_answer" else "alphamed")
+    default_style = "medrlvr" if args.format == "think_answer" else "alphamed"
+    args.prompt_style = args.prompt_style or default_style
     if args.temperature is None:
-        args.temperature = 0.0 if args.k == 1 else 1.0
+        args.temperature = 0.0 if args.n == 1 else 1.0
     return args
 
 
@@ -91,19 +110,19 @@ class Generation:
     finish: list[str]  # "stop" or "length" (hit --max-new-tokens)
 
 
-def rollout_generate_fn(model, tok, args, progress=True):
+def generation_fn(model, tok, sampling: rollout.Sampling, prompt_style: str, progress=True):
     """generate_fn(questions, offset) -> list[Generation] through rollout.generate; `offset` is the
     global index of questions[0], so a rank's slice samples what one process would."""
     stop_ids = rollout.stop_ids_for(model, tok)
 
     def generate_fn(questions, offset):
-        prompts = [data.encode_prompt(tok, q, args.prompt_style) for q in questions]
-        samples = rollout.generate(model, prompts, n=args.k, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids,
-                                   seed=args.seed, prompt_offset=offset,
-                                   max_cache_tokens=args.max_cache_tokens, progress=progress)
-        per_q = [samples[i * args.k:(i + 1) * args.k] for i in range(len(prompts))]  # prompt-major
-        return [Generation(tok.decode(p), [tok.decode(s.response_ids, skip_special_tokens=True) for s in ss],
+        prompts = [data.encode_prompt(tok, q, prompt_style) for q in questions]
+        samples = rollout.generate(model, prompts, sampling, stop_ids=stop_ids,
+                                   prompt_offset=offset, progress=progress)
+        n = sampling.n
+        per_q = [samples[i * n:(i + 1) * n] for i in range(len(prompts))]  # prompt-major
+        return [Generation(tok.decode(p), [tok.decode(s.response_ids, skip_special_tokens=True)
+                                           for s in ss],
                            [len(s.response_ids) for s in ss], [s.finish_reason for s in ss])
                 for p, ss in zip(prompts, per_q)]
     return generate_fn
@@ -112,14 +131,15 @@ def rollout_generate_fn(model, tok, args, progress=True):
 def lenient_letter(text, options):
     """The letter a lenient parser would read (LENIENT_* above), or None."""
     declared = [m.group(1) for m in LENIENT_DECLARED.finditer(text) if m.group(1) in options]
-    letters = declared or [m.group(1) for m in LENIENT_LETTER.finditer(text) if m.group(1) in options]
+    letters = declared or [m.group(1) for m in LENIENT_LETTER.finditer(text)
+                           if m.group(1) in options]
     return letters[-1] if letters else None
 
 
 def majority_vote(letters):
     """Most common parsed letter (None = unparsable, ignored); ties go to the letter seen first."""
     counts = Counter(x for x in letters if x is not None)
-    return counts.most_common(1)[0][0] if counts else None  # most_common keeps first-seen order on ties
+    return counts.most_common(1)[0][0] if counts else None  # ties: first seen (most_common)
 
 
 def score_question(q, gen: Generation, fmt):
@@ -129,7 +149,8 @@ def score_question(q, gen: Generation, fmt):
         info = reward.score(text, q, fmt)[1]
         samples.append(dict(completion=text, letter=info.letter, format_ok=info.format_ok,
                             correct=info.correct, reason=info.reason, tokens=ntok, finish=finish,
-                            lenient_letter=None if info.format_ok else lenient_letter(text, q.options)))
+                            lenient_letter=(None if info.format_ok
+                                            else lenient_letter(text, q.options))))
     return dict(id=q.id, benchmark=q.source, answer=q.answer, prompt=gen.prompt,
                 majority=majority_vote([s["letter"] for s in samples]), samples=samples)
 
@@ -146,50 +167,46 @@ def summarize(records, n_boot=1000, seed=0):
     def per_sample(value):  # (n, k) float array of value(record, sample)
         return np.array([[value(r, s) for s in r["samples"]] for r in records], dtype=float)
     correct = per_sample(lambda r, s: s["correct"])
-    return dict(n=len(records), k=correct.shape[1], accuracy=float(correct.mean()),
+    return dict(questions=len(records), n=correct.shape[1], accuracy=float(correct.mean()),
                 bootstrap_std=bootstrap_std(correct.mean(axis=1), n_boot, seed),
                 majority_accuracy=float(np.mean([r["majority"] == r["answer"] for r in records])),
-                pass_at_k=float(correct.max(axis=1).mean()),
+                pass_at_n=float(correct.max(axis=1).mean()),
                 format_failure_rate=float(1 - per_sample(lambda r, s: s["format_ok"]).mean()),
                 lenient_extra=int(per_sample(lambda r, s: s["lenient_letter"] is not None).sum()),
-                lenient_accuracy=float(per_sample(lambda r, s: s["correct"] or s["lenient_letter"] == r["answer"]).mean()),
+                lenient_accuracy=float(per_sample(
+                    lambda r, s: s["correct"] or s["lenient_letter"] == r["answer"]).mean()),
                 mean_response_tokens=float(per_sample(lambda r, s: s["tokens"]).mean()),
                 truncation_rate=float(per_sample(lambda r, s: s["finish"] == "length").mean()))
 
 
-def evaluate_benchmark(questions, generate_fn, fmt="boxed", rank=0, world=1, n_boot=1000, seed=0):
+def evaluate_benchmark(questions, generate_fn, fmt="boxed", dist: Dist = Dist(), n_boot=1000,
+                       seed=0):
     """This rank generates and scores its contiguous block of questions; rank 0 gathers every
-    block in rank order (= the single-process order) and returns (metrics, records); others (None, None)."""
-    lo, hi = len(questions) * rank // world, len(questions) * (rank + 1) // world
+    block in rank order (= the single-process order) and returns (metrics, records); others
+    (None, None)."""
+    lo = len(questions) * dist.rank // dist.world
+    hi = len(questions) * (dist.rank + 1) // dist.world
     gens = generate_fn(questions[lo:hi], lo) if hi > lo else []  # a rank may have none
     records = [score_question(q, g, fmt) for q, g in zip(questions[lo:hi], gens, strict=True)]
-    if world > 1:
-        parts = [None] * world if rank == 0 else None
-        dist.gather_object(records, parts, dst=0)
-        records = [r for part in parts for r in part] if rank == 0 else None
-    return (summarize(records, n_boot, seed), records) if rank == 0 else (None, None)
+    blocks = dist.gather(records)
+    if not dist.main:
+        return None, None
+    records = [r for block in blocks for r in block]
+    return summarize(records, n_boot, seed), records
 
 
-def load_questions(name, args):
+def benchmark_questions(name, args):
     """(questions, None), or (None, reason) when an OPTIONAL benchmark cannot be had."""
     try:
-        qs = data.load_benchmark_dir(name, args.data_dir) if args.data_dir else data.load_benchmark(name)
+        if args.data_dir:
+            qs = data.load_benchmark_dir(name, args.data_dir)
+        else:
+            qs = data.load_benchmark(name)
     except (OSError, ImportError) as e:  # no file, no network, gated (hub errors are OSErrors)
         if name not in OPTIONAL:
             raise
         return None, f"cannot be loaded ({type(e).__name__}: {e})"
     return (qs[:args.limit] if args.limit else qs), None
-
-
-def setup_dist():
-    """(rank, world, device) from the torchrun environment; gloo on CPU, NCCL on CUDA."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    if device != "cpu":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device != "cpu" else "gloo")
-    return rank, world, device
 
 
 def write_jsonl(path, rows):
@@ -198,8 +215,9 @@ def write_jsonl(path, rows):
 
 
 # The stdout table: (column, results.json key, format).
-TABLE = [("n", "n", "{}"), ("acc", "accuracy", "{:.2%}"), ("±std", "bootstrap_std", "{:.2%}"),
-         ("maj", "majority_accuracy", "{:.2%}"), ("pass@k", "pass_at_k", "{:.2%}"),
+TABLE = [("questions", "questions", "{}"), ("acc", "accuracy", "{:.2%}"),
+         ("±std", "bootstrap_std", "{:.2%}"), ("maj", "majority_accuracy", "{:.2%}"),
+         ("pass@n", "pass_at_n", "{:.2%}"),
          ("fmt_fail", "format_failure_rate", "{:.2%}"), ("lenient+", "lenient_extra", "{}"),
          ("len_acc", "lenient_accuracy", "{:.2%}"), ("tokens", "mean_response_tokens", "{:.1f}")]
 
@@ -207,42 +225,48 @@ TABLE = [("n", "n", "{}"), ("acc", "accuracy", "{:.2%}"), ("±std", "bootstrap_s
 def print_table(results):
     print(f"{'benchmark':<16}" + "".join(f"{col:>10}" for col, _, _ in TABLE))
     for name, r in results.items():
-        cells = [f"skipped: {r['reason']}"] if r.get("skipped") else [f.format(r[key]) for _, key, f in TABLE]
+        if r.get("skipped"):
+            cells = [f"skipped: {r['reason']}"]
+        else:
+            cells = [f.format(r[key]) for _, key, f in TABLE]
         print(f"{name:<16}" + "".join(f"{c:>10}" for c in cells))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_dist()
-    log = print if rank == 0 else (lambda *a: None)
+    dist = setup_dist()
+    log = print if dist.main else (lambda *a: None)
     from transformers import AutoTokenizer
-    model = M.load_model(args.checkpoint, device, torch.bfloat16 if device != "cpu" else torch.float32)
+    model = M.load_model(args.checkpoint, dist.device, dist.dtype)
     tok = AutoTokenizer.from_pretrained(M.resolve(args.checkpoint))
-    generate_fn = rollout_generate_fn(model, tok, args, progress=rank == 0)
+    sampling = rollout.Sampling(n=args.n, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                max_cache_tokens=args.max_cache_tokens)
+    generate_fn = generation_fn(model, tok, sampling, args.prompt_style, progress=dist.main)
     results, pass_rates = {}, []
     os.makedirs(args.out, exist_ok=True)
     for name in args.benchmarks:
-        questions, reason = load_questions(name, args)
+        questions, reason = benchmark_questions(name, args)
         if reason is not None:
             results[name] = dict(skipped=True, reason=reason)
             log(f"note: skipping {name}: {reason}")
             continue
-        log(f"{name}: {len(questions)} questions x {args.k} samples")
-        metrics, records = evaluate_benchmark(questions, generate_fn, args.format, rank, world,
+        log(f"{name}: {len(questions)} questions x {args.n} samples")
+        metrics, records = evaluate_benchmark(questions, generate_fn, args.format, dist,
                                               args.bootstrap, args.seed)
-        if rank == 0:
+        if dist.main:
             results[name] = metrics
             write_jsonl(os.path.join(args.out, f"{name}.jsonl"), records)
-            pass_rates += [dict(id=r["id"], correct=sum(s["correct"] for s in r["samples"]), n=args.k)
-                           for r in records]
-    if rank == 0:
+            pass_rates += [dict(id=r["id"], n=args.n,
+                                correct=sum(s["correct"] for s in r["samples"])) for r in records]
+    if dist.main:
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(checkpoint=args.checkpoint, args=vars(args), benchmarks=results), f, indent=2)
-        if args.passk:
+            json.dump(dict(checkpoint=args.checkpoint, args=vars(args), benchmarks=results), f,
+                      indent=2)
+        if args.pass_rates:
             write_jsonl(os.path.join(args.out, "pass_rates.jsonl"), pass_rates)
         print_table(results)
-    if world > 1:
-        dist.destroy_process_group()
+    dist.close()
     return results
 
 

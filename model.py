@@ -7,7 +7,8 @@ One forward serves every use:
     int32 and `max_seqlen`: no padding anywhere (training and scoring use this);
   - `targets=` turns the output into per-token log-probs (and entropy) computed in chunks, so no
     `[tokens, vocab]` float32 tensor exists; `select=` keeps only some rows' logits (prefill);
-  - `cache=` (rollout.KVCache) hands attention to the cache, which stores k/v and attends over it;
+  - `cache=` (a rollout.Prefill or rollout.Decode record) hands attention to it: it writes k/v
+    into the KV cache and attends over it;
   - a model built with a value head (PPO critic) returns one value per token instead.
 Attention backend: flash-attn's varlen kernel on CUDA in fp16/bf16 when importable, else SDPA with
 an explicit block-diagonal causal mask. `use_flash` is the one switch (tests inject a double).
@@ -96,16 +97,19 @@ class ModelConfig:
             value_head=name in CRITIC_ARCHS, raw=dict(cfg))
 
     def to_hf(self) -> dict:
-        """config.json readable by transformers 4 (rope_theta/rope_scaling) and 5 (rope_parameters)."""
+        """config.json readable by transformers 4 (rope_theta / rope_scaling) and 5
+        (rope_parameters)."""
         cfg = dict(self.raw)
         cfg.update(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                   intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+                   intermediate_size=self.intermediate_size,
+                   num_hidden_layers=self.num_hidden_layers,
                    num_attention_heads=self.num_attention_heads, head_dim=self.head_dim,
                    num_key_value_heads=self.num_key_value_heads, rms_norm_eps=self.rms_norm_eps,
                    tie_word_embeddings=self.tie_word_embeddings, rope_theta=self.rope_theta)
         scaling = dict(self.rope_scaling, rope_type="llama3") if self.rope_scaling else None
         cfg["rope_scaling"] = scaling
-        cfg["rope_parameters"] = dict(scaling or {"rope_type": "default"}, rope_theta=self.rope_theta)
+        cfg["rope_parameters"] = dict(scaling or {"rope_type": "default"},
+                                      rope_theta=self.rope_theta)
         names = CRITIC_ARCHS if self.value_head else ARCHS
         cfg["architectures"] = [{v: k for k, v in names.items()}[self.arch]]
         cfg["model_type"] = self.arch
@@ -132,7 +136,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Non-interleaved ("rotate half") rotary embedding. x (N, H, D); cos/sin (N, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)  # (N, H, D/2) each
     c, s = cos[:, None, :], sin[:, None, :]  # (N, 1, D/2)
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
@@ -154,7 +158,7 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torc
     def padded(x):  # (N, h, D) -> (S, h, T, D)
         out = x.new_zeros(len(lens), max_seqlen, *x.shape[1:])
         out[seq, off] = x
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)  # (S, h, T, D)
     out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
                                          enable_gqa=True)  # (S, H, T, D)
     return out.transpose(1, 2)[seq, off]  # (N, H, D)
@@ -193,7 +197,7 @@ class Attention(nn.Module):
             out = cache.attend(self.layer_idx, q, k, v)
         else:
             out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)
-        return self.o_proj(out.reshape(n, self.h * self.d))
+        return self.o_proj(out.reshape(n, self.h * self.d))  # (N, H * D)
 
 
 class MLP(nn.Module):
@@ -254,7 +258,7 @@ class CausalLM(nn.Module):
         if cu_seqlens is None and cache is None:  # (B, T) full rows
             batch_shape = input_ids.shape
             b, t = batch_shape
-            input_ids = input_ids.reshape(-1)
+            input_ids = input_ids.reshape(-1)  # (B * T,)
             positions = torch.arange(t, device=input_ids.device).repeat(b)
             cu_seqlens = torch.arange(0, b * t + 1, t, device=input_ids.device, dtype=torch.int32)
             max_seqlen = t
@@ -263,7 +267,8 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (N, hidden)
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, cache,
+                               use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache)
         x = self.model.norm(x)
@@ -274,7 +279,7 @@ class CausalLM(nn.Module):
         if targets is not None:
             return token_logprobs(x, self.lm_head.weight, targets, temperature, entropy)
         logits = self.lm_head(x)
-        return logits.view(*batch_shape, -1) if batch_shape is not None else logits
+        return logits.view(*batch_shape, -1) if batch_shape is not None else logits  # (B, T, V)
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -366,7 +371,8 @@ def check_keys(model: CausalLM, state: dict, path: str, value_head_new: bool):
     if value_head_new:
         expected.pop("score.weight", None), expected.pop("score.bias", None)
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    unexpected = sorted(k for k in set(state) - set(expected)
+                        if not k.endswith("rotary_emb.inv_freq"))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
               for k in expected if k in state and state[k].shape != expected[k]]
     if missing or unexpected or shapes:
@@ -416,9 +422,11 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.float32, value_head:
     """Build the model from an HF checkpoint (local dir or hub id). `value_head=True` builds a
     critic: the trunk with a scalar head (zero-init unless the checkpoint has one), no lm_head."""
     model, path, head_new = build_model(name_or_path, value_head, dtype)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in read_weights(model, path, head_new).items()}
+    state = read_weights(model, path, head_new)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     cfg = model.config
-    model.load_state_dict(state, strict=not (cfg.tie_word_embeddings and not cfg.value_head), assign=True)
+    tied_head = cfg.tie_word_embeddings and not cfg.value_head  # no lm_head key of its own
+    model.load_state_dict(state, strict=not tied_head, assign=True)
     model.tie_weights()
     return finish_loading(model, path, device)
 
@@ -428,7 +436,8 @@ def save_model(model: CausalLM, tokenizer, out_dir: str, state_dict: dict | None
     """Write an HF checkpoint (config, safetensors shards + index, tokenizer) atomically;
     `state_dict`: a distributed caller's gathered full state dict (rank 0 only)."""
     from safetensors.torch import save_file
-    state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    state = {k: v.detach().cpu().contiguous()
+             for k, v in (state_dict or model.state_dict()).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     shards, cur, size = [], {}, 0

@@ -35,6 +35,17 @@ class RewardValues:
     wrong: float
     bad_format: float
 
+    @classmethod
+    def parse(cls, text: str) -> "RewardValues":
+        """'1,0,-1' -> RewardValues(1.0, 0.0, -1.0); ValueError unless three numbers."""
+        parts = text.split(",")
+        if len(parts) != 3:
+            raise ValueError("need three numbers correct,wrong,bad-format")
+        try:
+            return cls(*map(float, parts))
+        except ValueError:
+            raise ValueError("need three numbers correct,wrong,bad-format") from None
+
 
 ALPHAMED = RewardValues(1.0, 0.0, 0.0)
 MEDRLVR = RewardValues(1.0, 0.0, -1.0)

@@ -1,6 +1,8 @@
-"""Batched KV-cache sampler: prefill once per prompt, decode all slots together, refill as they free.
+"""Batched KV-cache sampler: prefill once per prompt, decode all slots together, refill as they
+free.
 
-generate(model, prompts, n, ...) -> list[Sample], prompt-major (prompt i's n samples contiguous).
+generate(model, prompts, Sampling(n=...), ...) -> list[Sample], prompt-major (prompt i's n samples
+contiguous). `Sampling` holds the settings; trainers and evaluate.py build one and pass it.
 
 - KVCache: preallocated `(layers, slots, max_len, kv_heads, head_dim)` k and v, per-slot lengths
   (int32). The slot count comes from a token budget (`max_cache_tokens`), not from the prompts.
@@ -14,7 +16,9 @@ generate(model, prompts, n, ...) -> list[Sample], prompt-major (prompt i's n sam
   index, step): a completion is the same whatever the batch, slot count or cache budget, with no
   per-row generator objects (which would cost one kernel launch per row per step).
 - Attention over the cache: flash-attn's `flash_attn_with_kvcache` (in-place append, per-slot
-  `cache_seqlens`) when `model.use_flash` says so, else SDPA with an explicit length mask.
+  `cache_seqlens`) when `model.use_flash` says so, else SDPA with an explicit length mask. What
+  one forward writes and reads (`Prefill`, `Decode`) is a small record passed as the forward's
+  `cache=` argument; the model calls its `attend`.
 - Host syncs: exactly one per decode step, `tolist()` of the sampled tokens and log-probs, which
   are needed on the host to know which slots stopped. Lengths and positions are tracked on the host
   (they advance by one per step), so nothing else waits for the device.
@@ -28,6 +32,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
+
+
+@dataclass
+class Sampling:
+    """How to sample: n completions per prompt of at most max_new_tokens tokens, at temperature
+    (0 = greedy) with top-k / top-p filtering; `seed` keys the random streams; the KV cache holds
+    at most max_cache_tokens tokens (fewer concurrent sequences, the same samples)."""
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    max_cache_tokens: int = 2**18
 
 
 @dataclass
@@ -99,7 +117,7 @@ def sample_tokens(logits, temperature: float, top_k: int, top_p: float, u: torch
 # ----------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """k/v for `slots` sequences of up to `max_len` tokens; model.Attention calls `attend`."""
+    """k/v for `slots` sequences of up to `max_len` tokens, and the tokens stored per slot."""
 
     def __init__(self, cfg: M.ModelConfig, slots: int, max_len: int, device, dtype):
         shape = (cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, cfg.head_dim)
@@ -107,27 +125,49 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lens = torch.zeros(slots, dtype=torch.int32, device=device)  # tokens stored per slot
         self.slots, self.max_len = slots, max_len
-        self.prefill = None  # (cu_seqlens, max_seqlen, dest_slot, dest_pos, src_token) during prefill
-        self.rows = None  # decode: (rows int32, their lengths, longest after the step, slice|None)
+
+
+@dataclass
+class Prefill:
+    """One packed forward over the admitted prompts: each prompt token's k/v go to every slot of
+    its samples (token src[i] of the packed batch -> slot[i], position pos[i])."""
+    cache: KVCache
+    cu_seqlens: torch.Tensor  # (P+1,) int32, the packed prompts
+    max_seqlen: int
+    slot: torch.Tensor  # (W,) destination slot of each write
+    pos: torch.Tensor  # (W,) destination position
+    src: torch.Tensor  # (W,) source row in the packed batch
 
     def attend(self, layer: int, q, k, v):
-        if self.prefill is not None:
-            cu, max_seqlen, slot, pos, src = self.prefill
-            self.k[layer, slot, pos] = k[src]  # each prompt token into every slot of its samples
-            self.v[layer, slot, pos] = v[src]
-            return M.varlen_attention(q, k, v, cu, max_seqlen)
-        rows, lens, lmax, span = self.rows  # q (B, H, D): one new token per row
+        self.cache.k[layer, self.slot, self.pos] = k[self.src]
+        self.cache.v[layer, self.slot, self.pos] = v[self.src]
+        return M.varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen)
+
+
+@dataclass
+class Decode:
+    """One new token for each of `rows` (cache slots), appended after the `lens` tokens they hold;
+    attention reads cache positions [0, longest)."""
+    cache: KVCache
+    rows: torch.Tensor  # (B,) int32 slots
+    lens: torch.Tensor  # (B,) int32 tokens already cached = the new token's position
+    longest: int
+    span: slice | None  # the rows as a slice when contiguous (no gather copy)
+
+    def attend(self, layer: int, q, k, v):  # q (B, H, D): one new token per row
+        cache = self.cache
         if M.use_flash(q):
             out = M.FLASH.flash_attn_with_kvcache(
-                q[:, None], self.k[layer], self.v[layer], k[:, None], v[:, None],
-                cache_seqlens=lens, cache_batch_idx=rows, causal=True)  # appends k/v in place
+                q[:, None], cache.k[layer], cache.v[layer], k[:, None], v[:, None],
+                cache_seqlens=self.lens, cache_batch_idx=self.rows, causal=True)  # appends k/v
             return out[:, 0]
-        self.k[layer, rows.long(), lens.long()] = k
-        self.v[layer, rows.long(), lens.long()] = v
-        sel = rows.long() if span is None else span  # a slice (no copy) when rows are contiguous
-        kc = self.k[layer, sel, :lmax].transpose(1, 2)  # (B, Hkv, Lmax, D)
-        vc = self.v[layer, sel, :lmax].transpose(1, 2)
-        valid = torch.arange(lmax, device=q.device)[None, :] <= lens[:, None]  # (B, Lmax)
+        rows, lens = self.rows.long(), self.lens.long()
+        cache.k[layer, rows, lens] = k
+        cache.v[layer, rows, lens] = v
+        sel = rows if self.span is None else self.span
+        kc = cache.k[layer, sel, :self.longest].transpose(1, 2)  # (B, Hkv, L, D)
+        vc = cache.v[layer, sel, :self.longest].transpose(1, 2)  # (B, Hkv, L, D)
+        valid = torch.arange(self.longest, device=q.device)[None, :] <= lens[:, None]  # (B, L)
         out = F.scaled_dot_product_attention(q[:, :, None], kc, vc, attn_mask=valid[:, None, None],
                                              enable_gqa=True)  # (B, H, 1, D)
         return out[:, :, 0]
@@ -150,7 +190,8 @@ def stop_ids_for(model, tokenizer=None) -> list[int]:
 
 def _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens):
     if n < 1 or max_new_tokens < 1:
-        raise ValueError(f"n and max_new_tokens must be >= 1 (got n={n}, max_new_tokens={max_new_tokens})")
+        raise ValueError(f"n and max_new_tokens must be >= 1 (got n={n}, "
+                         f"max_new_tokens={max_new_tokens})")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
@@ -196,17 +237,16 @@ def _prefill(model, run: _Run, batch):
     dev = run.device
     ids, pos, cu, max_seqlen = M.pack([run.prompts[p] for p, _, _ in batch], dev)
     # One (prompt, slot) pair per admitted sample: every prompt token goes to each of its slots.
-    pair_prompt = torch.tensor([i for i, (_, _, slots) in enumerate(batch) for _ in slots], device=dev)
+    pair_prompt = torch.tensor([i for i, (_, _, slots) in enumerate(batch) for _ in slots],
+                               device=dev)
     pair_slot = torch.tensor([s for _, _, slots in batch for s in slots], device=dev)
     pair_len = cu.diff().long()[pair_prompt]  # (pairs,)
     pair_of_tok = torch.repeat_interleave(torch.arange(len(pair_slot), device=dev), pair_len)
-    offset = torch.arange(len(pair_of_tok), device=dev) - (pair_len.cumsum(0) - pair_len)[pair_of_tok]
+    pair_start = pair_len.cumsum(0) - pair_len  # (pairs,) first token of each pair
+    offset = torch.arange(len(pair_of_tok), device=dev) - pair_start[pair_of_tok]
     src = cu[:-1].long()[pair_prompt][pair_of_tok] + offset  # (tokens,) index into the packed batch
-    run.cache.prefill = (cu, max_seqlen, pair_slot[pair_of_tok], offset, src)
-    try:
-        logits = model(ids, pos, cu, max_seqlen, cache=run.cache, select=cu[1:].long() - 1)  # (P, V)
-    finally:
-        run.cache.prefill = None
+    writes = Prefill(run.cache, cu, max_seqlen, pair_slot[pair_of_tok], offset, src)
+    logits = model(ids, pos, cu, max_seqlen, cache=writes, select=cu[1:].long() - 1)  # (P, V)
     run.cache.lens[pair_slot] = pair_len.int()
     for p, samples, slots in batch:
         for s, j in zip(slots, samples):
@@ -216,24 +256,24 @@ def _prefill(model, run: _Run, batch):
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_ids=None, seed: int = 0,
-             max_cache_tokens: int = 2**18, prompt_offset: int = 0, progress: bool = True) -> list[Sample]:
-    """Sample n completions per prompt; see the module docstring. Random streams are keyed by
-    prompt_offset + prompt index, so a caller holding a slice of a larger batch (one rank of
-    several) draws exactly what a single caller with the whole batch would."""
+def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *, stop_ids=None,
+             prompt_offset: int = 0, progress: bool = True) -> list[Sample]:
+    """Sample sampling.n completions per prompt; see the module docstring. Random streams are
+    keyed by prompt_offset + prompt index, so a caller holding a slice of a larger batch (one rank
+    of several) draws exactly what a single caller with the whole batch would."""
+    n, max_new_tokens = sampling.n, sampling.max_new_tokens
     vocab = model.config.vocab_size
     stop_ids = sorted(set(stop_ids_for(model) if stop_ids is None else stop_ids))
     _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens)
     max_len = max(len(p) for p in prompts) + max_new_tokens
-    slots = min(max_cache_tokens // max_len, n * len(prompts))
+    slots = min(sampling.max_cache_tokens // max_len, n * len(prompts))
     if slots < 1:
-        raise ValueError(f"max_cache_tokens={max_cache_tokens} cannot hold one sequence of "
-                         f"{max_len} tokens (longest prompt + max_new_tokens)")
+        raise ValueError(f"max_cache_tokens={sampling.max_cache_tokens} cannot hold one sequence "
+                         f"of {max_len} tokens (longest prompt + max_new_tokens)")
     embed = model.model.embed_tokens.weight
     device, dtype = embed.device, embed.dtype
-    run = _Run(prompts, n, KVCache(model.config, slots, max_len, device, dtype), seed, prompt_offset,
-               device)
+    run = _Run(prompts, n, KVCache(model.config, slots, max_len, device, dtype), sampling.seed,
+               prompt_offset, device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     last = {}  # slot -> last sampled token, fed back next step
     bar = tqdm(total=n * len(prompts), desc="generate", disable=not progress, leave=False)
@@ -246,8 +286,7 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
                                                         torch.cat([logits, new_logits]))
         if not slots_now:
             break
-        finished = _sample_step(run, slots_now, logits, stops, last, temperature, top_k, top_p,
-                                max_new_tokens)
+        finished = _sample_step(run, slots_now, logits, stops, last, sampling)
         bar.update(len(finished))
         for s in finished:
             del run.slot_of[s], last[s]
@@ -263,14 +302,14 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
             for p in range(len(prompts)) for j in range(n)]
 
 
-def _sample_step(run: _Run, slots, logits, stops, last, temperature, top_k, top_p, max_new_tokens):
+def _sample_step(run: _Run, slots, logits, stops, last, sampling: Sampling):
     """Sample the next token of every slot in `slots` (rows of `logits`); return finished slots."""
     comps = [run.slot_of[s] for s in slots]
     pidx = torch.tensor([c[0] for c in comps], device=run.device)
     sidx = torch.tensor([c[1] for c in comps], device=run.device)
     steps = torch.tensor([len(run.tokens[c]) for c in comps], device=run.device)
     u = uniforms(completion_keys(run.seed, pidx + run.prompt_offset, sidx), steps)
-    tokens, logps = sample_tokens(logits, temperature, top_k, top_p, u)
+    tokens, logps = sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, u)
     is_stop = torch.isin(tokens, stops)
     # The one host sync of the step: the tokens decide which slots are done.
     tokens, logps, is_stop = tokens.tolist(), logps.tolist(), is_stop.tolist()
@@ -279,7 +318,7 @@ def _sample_step(run: _Run, slots, logits, stops, last, temperature, top_k, top_
         run.tokens[c].append(t)
         run.logps[c].append(lp)
         last[s] = t
-        if stop or len(run.tokens[c]) >= max_new_tokens:
+        if stop or len(run.tokens[c]) >= sampling.max_new_tokens:
             run.done[c] = "stop" if stop else "length"
             finished.append(s)
     return finished
@@ -289,13 +328,10 @@ def _decode(model, run: _Run, slots, last):
     """One decode step for the occupied slots: logits (B, V) for their next tokens."""
     rows = torch.tensor(slots, dtype=torch.int32, device=run.device)
     lens = run.cache.lens[rows.long()]  # (B,) tokens already cached = the new token's position
-    longest = max(len(run.prompts[p]) + len(run.tokens[(p, j)]) for p, j in map(run.slot_of.get, slots))
+    longest = max(len(run.prompts[p]) + len(run.tokens[(p, j)])
+                  for p, j in map(run.slot_of.get, slots))
     ids = torch.tensor([last[s] for s in slots], device=run.device)
     span = slice(slots[0], slots[-1] + 1) if slots[-1] - slots[0] + 1 == len(slots) else None
-    run.cache.rows = (rows, lens, longest, span)  # attention reads cache rows [0, longest)
-    try:
-        logits = model(ids, lens.long(), cache=run.cache)  # (B, V)
-    finally:
-        run.cache.rows = None
+    logits = model(ids, lens.long(), cache=Decode(run.cache, rows, lens, longest, span))  # (B, V)
     run.cache.lens[rows.long()] += 1
     return logits

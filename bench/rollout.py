@@ -53,8 +53,9 @@ class Probe:
 
 def run_medrl(model, prompts, args):
     t = time.perf_counter()
-    out = R.generate(model, prompts, n=args.n, max_new_tokens=args.new_tokens, temperature=1.0,
-                     stop_ids=[], seed=args.seed, max_cache_tokens=args.max_cache_tokens, progress=False)
+    sampling = R.Sampling(n=args.n, max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed,
+                          max_cache_tokens=args.max_cache_tokens)
+    out = R.generate(model, prompts, sampling, stop_ids=[], progress=False)
     assert all(len(s.response_ids) == args.new_tokens for s in out)
     return time.perf_counter() - t
 

@@ -49,7 +49,7 @@ class ThreadRanks:
 
     def run(self, fn):
         import threading
-        from grpo import Dist
+        from parallel import Dist
         group = self
 
         class RankDist(Dist):

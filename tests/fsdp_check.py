@@ -17,6 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo  # noqa: E402
 import model as M  # noqa: E402
+import rl  # noqa: E402
+from parallel import load_sharded, setup_dist  # noqa: E402
 
 
 def tensor_bytes(module) -> int:
@@ -48,21 +50,22 @@ def items(n=6):
     for i in range(n):
         prompt = torch.randint(0, 300, (6,), generator=g).tolist()
         response = torch.randint(0, 300, (5,), generator=g).tolist()
-        out.append(grpo.Rollout(None, prompt, response, [0.0] * 5, "stop", advantage=i - 2.5))
+        out.append(rl.Rollout(None, i, prompt, response, torch.zeros(5), "stop",
+                              advantages=torch.full((5,), i - 2.5)))
     return out
 
 
 def load_error(path: str, d) -> str:
     try:
-        grpo.load_sharded(path, d, torch.float32)
+        load_sharded(path, d, torch.float32)
     except ValueError as e:
         return str(e)
     return "no error"
 
 
 def main(ckpt: str, broken: str, out: str):
-    d = grpo.setup_dist()
-    policy = grpo.load_sharded(ckpt, d, torch.float32)
+    d = setup_dist()
+    policy = load_sharded(ckpt, d, torch.float32)
     peak_rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
@@ -71,17 +74,16 @@ def main(ckpt: str, broken: str, out: str):
     local = sum(p.to_local().numel() for p in policy.parameters())
     # One update in several micro-batches (all on rank 0's 6 items, rank 1's 6 others).
     args = grpo.get_args(["--model", "tiny", "--micro-tokens", "24", "--lr", "1e-3"])
-    part = grpo.make_part(ckpt, args, d, args.lr)
+    part = rl.Trainable.load("policy", ckpt, args.lr, args, d)
     param_bytes = sum(p.numel() * 4 for p in part.module.parameters())  # full size, fp32
     held = []
 
-    def loss_fn(mb, *rest):
+    def loss_fn(mb, weights):
         gc.collect()
         held.append(tensor_bytes(part.module))
-        return grpo.policy_loss(part.module, mb, *rest, args=args, kl_coef=0.0)
-    grpo.update(part, items()[d.rank::2] * 2, args, d, loss_fn)
-    errors = [None] * d.world
-    torch.distributed.all_gather_object(errors, load_error(broken, d))
+        return grpo.policy_loss(part.module, mb, weights, args, kl_coef=0.0)
+    rl.update(part, items()[d.rank::2] * 2, loss_fn, args, d)
+    errors = d.gather(load_error(broken, d))
     if d.main:
         Path(out).write_text(json.dumps(dict(
             same_as_single_process=same, local_params=local,
@@ -89,7 +91,7 @@ def main(ckpt: str, broken: str, out: str):
             peak_rss_after_load=peak_rss_load,
             grad_bytes_between_micro_batches=max(h - held[0] for h in held[1:]),
             micro_batches=len(held), full_param_bytes=param_bytes, load_errors=errors)))
-    torch.distributed.destroy_process_group()
+    d.close()
 
 
 if __name__ == "__main__":

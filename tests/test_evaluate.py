@@ -38,10 +38,10 @@ def questions():
 def test_metrics_match_hand_computed_values():
     metrics, records = evaluate.evaluate_benchmark(questions(), scripted, "boxed", n_boot=1000, seed=0)
     # correct: q0 [1 1 0], q1 [0 0 0], q2 [0 1 0], q3 [0 0 0]
-    assert metrics["n"] == 4 and metrics["k"] == 3
+    assert metrics["questions"] == 4 and metrics["n"] == 3
     assert metrics["accuracy"] == pytest.approx(3 / 12)
     assert metrics["majority_accuracy"] == pytest.approx(1 / 4)  # only q0; q2's tie goes to C
-    assert metrics["pass_at_k"] == pytest.approx(2 / 4)
+    assert metrics["pass_at_n"] == pytest.approx(2 / 4)
     assert metrics["format_failure_rate"] == pytest.approx(5 / 12)
     assert metrics["lenient_extra"] == 2  # "The answer is B", "I pick D"
     assert metrics["lenient_accuracy"] == pytest.approx(5 / 12)
@@ -95,9 +95,9 @@ def test_cli_on_real_files(ckpt, tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())["benchmarks"]
     assert list(results) == REAL + ["gpqa_medical"]
     for name in REAL:
-        assert results[name]["n"] == 3 and results[name]["k"] == 1
+        assert results[name]["questions"] == 3 and results[name]["n"] == 1
         assert set(results[name]) >= {"accuracy", "bootstrap_std", "format_failure_rate", "majority_accuracy",
-                                      "pass_at_k", "lenient_extra", "lenient_accuracy", "mean_response_tokens"}
+                                      "pass_at_n", "lenient_extra", "lenient_accuracy", "mean_response_tokens"}
         records = read_jsonl(tmp_path / f"{name}.jsonl")
         assert len(records) == 3 and all(len(r["samples"]) == 1 for r in records)
         assert {"prompt", "answer", "samples"} <= set(records[0])
@@ -127,7 +127,7 @@ def data_dir(tmp_path):
 
 
 def test_torchrun_two_processes_match_one(ckpt, data_dir, tmp_path):
-    flags = ["--data-dir", str(data_dir), "--benchmarks", "medqa,demo", "--limit", "5", "--k", "2",
+    flags = ["--data-dir", str(data_dir), "--benchmarks", "medqa,demo", "--limit", "5", "--num-samples", "2",
              "--temperature", "1", "--max-new-tokens", "6", "--seed", "3"]
     evaluate.main([ckpt, *flags, "--out", str(tmp_path / "one")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -143,8 +143,8 @@ def test_torchrun_two_processes_match_one(ckpt, data_dir, tmp_path):
     assert len({s["completion"] for r in a for s in r["samples"]}) > 1  # really sampled
 
 
-def test_passk_writes_pass_rates_for_difficulty_mix(ckpt, data_dir, tmp_path):
-    evaluate.main([ckpt, "--data-dir", str(data_dir), "--benchmarks", "medqa", "--passk", "3",
+def test_pass_rates_for_difficulty_mix(ckpt, data_dir, tmp_path):
+    evaluate.main([ckpt, "--data-dir", str(data_dir), "--benchmarks", "medqa", "--num-samples", "3", "--pass-rates",
                    "--max-new-tokens", "6", "--out", str(tmp_path)])
     records = read_jsonl(tmp_path / "medqa.jsonl")
     rates = read_jsonl(tmp_path / "pass_rates.jsonl")
@@ -166,10 +166,10 @@ def test_bad_flags_and_missing_files(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nope" in err and "known: medqa, medmcqa" in err
     with pytest.raises(SystemExit):
-        evaluate.parse_args([ckpt, "--k", "0"])
-    assert "--k must be >= 1, got 0" in capsys.readouterr().err
-    args = evaluate.parse_args([ckpt, "--passk", "4"])
-    assert args.k == 4 and args.temperature == 1.0
+        evaluate.parse_args([ckpt, "--num-samples", "0"])
+    assert "--num-samples must be >= 1, got 0" in capsys.readouterr().err
+    args = evaluate.parse_args([ckpt, "--num-samples", "4", "--pass-rates"])
+    assert args.n == 4 and args.temperature == 1.0 and args.pass_rates
     args = evaluate.parse_args([ckpt, "--format", "think_answer"])
     assert args.prompt_style == "medrlvr" and args.temperature == 0.0
     with pytest.raises(FileNotFoundError, match="medqa_us_4opt_test.jsonl"):  # only GPQA is optional

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import grpo
+import loop
 import model as M
+import rl
+from parallel import Dist
 from tiny import make_tiny_checkpoint
 
 
@@ -87,11 +90,11 @@ def test_clip_higher_is_asymmetric():
 
 def test_token_weights_each_mode():
     lengths = [2, 4]  # this rank's sequences; globally 3 sequences, 10 tokens
-    w = grpo.token_weights(lengths, "token-mean", 10, 3, 8)
+    w = rl.token_weights(lengths, "token-mean", 10, 3, 8)
     assert torch.allclose(w, torch.full((6,), 0.1))
-    w = grpo.token_weights(lengths, "seq-mean-token-mean", 10, 3, 8)
+    w = rl.token_weights(lengths, "seq-mean-token-mean", 10, 3, 8)
     assert torch.allclose(w, torch.tensor([1 / 6] * 2 + [1 / 12] * 4))  # 1 / (len * 3)
-    w = grpo.token_weights(lengths, "seq-mean-token-sum", 10, 3, 8)
+    w = rl.token_weights(lengths, "seq-mean-token-sum", 10, 3, 8)
     assert torch.allclose(w, torch.full((6,), 1 / 24))  # 1 / (max_new_tokens * 3)
 
 
@@ -106,8 +109,8 @@ def make_items(seed=0):
     for i in range(5):
         prompt = torch.randint(0, 384, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g)
         resp = torch.randint(0, 384, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
-        items.append(grpo.Rollout(None, prompt.tolist(), resp.tolist(), [0.0] * len(resp), "stop",
-                                  advantage=float(i) - 2.0))
+        items.append(rl.Rollout(None, i, prompt.tolist(), resp.tolist(), torch.zeros(len(resp)),
+                                "stop", advantages=torch.full((len(resp),), float(i) - 2.0)))
     return items
 
 
@@ -135,7 +138,7 @@ def reference_loss(policy, items, args, kl_coef):
         lp, ent = naive_logprobs(policy, it, args.temperature)
         old = lp.detach() if it.old_logprobs is None else it.old_logprobs
         ratio = torch.exp(lp - old)
-        a = it.advantage
+        a = it.advantages
         surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.clip_low, 1 + args.clip_high))
         tok = surrogate - args.entropy_coef * ent
         if kl_coef:
@@ -158,9 +161,9 @@ def grads(policy, loss_fn):
 
 def packed_loss(policy, items, args, micro_tokens, kl_coef):
     tot = sum(len(it.response_ids) for it in items)
-    for mb in grpo.micro_batches(items, micro_tokens, "cpu"):
-        loss, _ = grpo.policy_loss(policy, mb, tot, len(items), True, False, args=args,
-                                   kl_coef=kl_coef)
+    for mb in rl.micro_batches(items, micro_tokens, "cpu"):
+        weights = rl.token_weights(mb.lengths, args.loss_agg, tot, len(items), args.max_new_tokens)
+        loss, _ = grpo.policy_loss(policy, mb, weights, args, kl_coef)
         loss.backward()
 
 
@@ -185,11 +188,11 @@ def test_policy_loss_gradient_equals_the_hand_written_loss(policy, agg, off_poli
     g_ref = grads(policy, lambda: reference_loss(policy, items, args, 0.05).backward())
     g_small = grads(policy, lambda: packed_loss(policy, items, args, 10, 0.05))  # several batches
     g_big = grads(policy, lambda: packed_loss(policy, items, args, 10_000, 0.05))
-    assert g_ref.abs().sum() > 0 and len(grpo.micro_batches(items, 10, "cpu")) > 1
+    assert g_ref.abs().sum() > 0 and len(rl.micro_batches(items, 10, "cpu")) > 1
     assert torch.allclose(g_small, g_ref, atol=1e-6) and torch.allclose(g_big, g_ref, atol=1e-6)
 
 
-class Mirrored(grpo.Dist):
+class Mirrored(Dist):
     """Two ranks holding identical data: every all-reduced sum doubles."""
 
     def __init__(self):
@@ -210,12 +213,12 @@ def test_update_sums_to_the_global_gradient_over_ranks(tmp_path, agg):
     path = make_tiny_checkpoint(str(tmp_path / "m"), seed=5)
     args = args_for(loss_agg=agg, grad_clip=0.0, micro_tokens=12)
     weights = []
-    for d in (grpo.Dist(), Mirrored()):
+    for d in (Dist(), Mirrored()):
         module = M.load_model(path)
         opt = torch.optim.SGD(module.parameters(), lr=1.0)
-        part = grpo.Part(module, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0))
-        grpo.update(part, make_items(), args, d, functools.partial(grpo.policy_loss, module,
-                                                                   args=args, kl_coef=0.0))
+        part = rl.Trainable("policy", module, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0))
+        rl.update(part, make_items(), functools.partial(grpo.policy_loss, module, args=args,
+                                                        kl_coef=0.0), args, d)
         weights.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
     before = torch.cat([p.flatten() for p in M.load_model(path).parameters()])
     assert (weights[0] - before).abs().max() > 1e-4
@@ -225,18 +228,19 @@ def test_update_sums_to_the_global_gradient_over_ranks(tmp_path, agg):
 def test_micro_batches_respect_the_token_budget():
     items = make_items(1)
     for budget in (1, 12, 20, 10_000):
-        mbs = grpo.micro_batches(items, budget, "cpu")
-        assert [it for mb in mbs for it in mb.items] == items
+        mbs = rl.micro_batches(items, budget, "cpu")
+        assert [it for mb in mbs for it in mb.rollouts] == items
         for mb in mbs:
-            assert len(mb.items) == 1 or len(mb.ids) <= budget
-            assert mb.targets.tolist() == [t for it in mb.items for t in it.response_ids]
+            assert len(mb.rollouts) == 1 or len(mb.ids) <= budget
+            assert mb.targets.tolist() == [t for it in mb.rollouts for t in it.response_ids]
             # the selected rows are those just before each response token
             assert mb.ids[mb.select + 1].tolist() == mb.targets.tolist()
 
 
 @pytest.mark.parametrize("flags,needle", [
     (["--reward-values", "1,0"], "--reward-values"),
-    (["--group-size", "1"], "--group-size 1"),
+    (["--group-size", "1"], "--num-samples 1"),
+    (["--num-samples", "0"], "--num-samples 0"),
     (["--temperature", "0"], "--temperature 0"),
     (["--dual-clip", "0.5"], "--dual-clip 0.5"),
     (["--loss-agg", "sum"], "--loss-agg"),
@@ -254,5 +258,5 @@ def test_help_documents_every_flag(capsys):
     out = capsys.readouterr().out
     parser_flags = [a for a in out.split() if a.startswith("--")]
     assert "--kl-estimator" in parser_flags and "--loss-agg" in parser_flags
-    for action in grpo.build_parser()._actions:
+    for action in loop.build_parser("")._actions:
         assert action.help, f"{action.option_strings} has no help text"

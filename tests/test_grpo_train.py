@@ -12,7 +12,7 @@ import grpo
 import model as M
 from conftest import ROOT, read_metrics as metrics, without_timing
 
-FAST = ["--model", "tiny", "--max-new-tokens", "4", "--batch-prompts", "8", "--group-size", "4"]
+FAST = ["--model", "tiny", "--max-new-tokens", "4", "--batch-prompts", "8", "--num-samples", "4"]
 
 
 def weights(step_dir):

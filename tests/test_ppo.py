@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import ppo
+import rl
+from parallel import Dist
 from conftest import ROOT, read_metrics as metrics, without_timing
 
 
@@ -37,7 +39,7 @@ def test_kl_penalty_on_every_response_token_and_reward_on_the_last():
 
 
 def ppo_item(reward, values, old, ref):
-    return ppo.Rollout(None, [5, 6, 7], [9] * len(values), [0.0] * len(values), "stop",
+    return rl.Rollout(None, 0, [5, 6, 7], [9] * len(values), torch.zeros(len(values)), "stop",
                        reward=reward, values=torch.tensor(values), old_logprobs=torch.tensor(old),
                        ref_logprobs=torch.tensor(ref))
 
@@ -56,8 +58,8 @@ def test_advantages_by_hand_over_two_ranks():
     assert torch.allclose(ranks[1][0].returns, torch.tensor([-1.0]))
     # all advantages [0.75, 0.5, -1.75]: mean -1/6, biased variance 3.875/3 - 1/36 = 1.2638889
     std = 1.2638889 ** 0.5
-    assert torch.allclose(ranks[0][0].advantage, torch.tensor([0.9166667, 0.6666667]) / std, atol=1e-6)
-    assert torch.allclose(ranks[1][0].advantage, torch.tensor([-1.5833333]) / std, atol=1e-6)
+    assert torch.allclose(ranks[0][0].advantages, torch.tensor([0.9166667, 0.6666667]) / std, atol=1e-6)
+    assert torch.allclose(ranks[1][0].advantages, torch.tensor([-1.5833333]) / std, atol=1e-6)
     for s in stats:  # the same global numbers on both ranks
         assert s["kl"] == pytest.approx(0.5 / 3)
         # squared errors of returns vs values 3.875 / 3; returns' variance 2.5625 / 3 - 1 / 16
@@ -68,11 +70,11 @@ def test_whitening_variance_floor():
     """The whitening divides by sqrt(max(var, 1e-8)) (OpenRLHF's floor, on the variance)."""
     args = ppo.get_args(["--model", "tiny", "--gamma", "1", "--lam", "1"])
     tiny_spread = [ppo_item(0.0, [-1e-5], [0.0], [0.0]), ppo_item(0.0, [1e-5], [0.0], [0.0])]
-    ppo.set_advantages(tiny_spread, 0.0, args, ppo.Dist())  # var 1e-10: floored to 1e-8
-    assert [it.advantage.item() for it in tiny_spread] == pytest.approx([0.1, -0.1], rel=1e-4)
+    ppo.set_advantages(tiny_spread, 0.0, args, Dist())  # var 1e-10: floored to 1e-8
+    assert [it.advantages.item() for it in tiny_spread] == pytest.approx([0.1, -0.1], rel=1e-4)
     spread = [ppo_item(0.0, [-0.5], [0.0], [0.0]), ppo_item(0.0, [0.5], [0.0], [0.0])]
-    ppo.set_advantages(spread, 0.0, args, ppo.Dist())  # var 0.25: exactly standardised
-    assert [it.advantage.item() for it in spread] == pytest.approx([1.0, -1.0], rel=1e-6)
+    ppo.set_advantages(spread, 0.0, args, Dist())  # var 0.25: exactly standardised
+    assert [it.advantages.item() for it in spread] == pytest.approx([1.0, -1.0], rel=1e-6)
 
 
 @pytest.mark.parametrize("v,old,ret,expected", [

@@ -21,6 +21,12 @@ def llama(ckpts):
     return M.load_model(ckpts["llama"]).eval()
 
 
+def gen(model, prompts, stop_ids=None, prompt_offset=0, progress=False, **sampling):
+    """rollout.generate with the Sampling fields as keywords."""
+    return R.generate(model, prompts, R.Sampling(**sampling), stop_ids=stop_ids,
+                      prompt_offset=prompt_offset, progress=progress)
+
+
 def greedy_uncached(m, prompt, steps):
     """Reference: a full forward over the whole sequence for every new token."""
     seq = list(prompt)
@@ -39,19 +45,19 @@ def test_greedy_equals_transformers_generate(ckpts, arch):
     hf.generation_config.eos_token_id = None  # no stops on either side: 12 tokens each
     ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                       pad_token_id=0)[:, width:]
-    out = R.generate(m, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[], progress=False)
+    out = gen(m, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[], progress=False)
     assert [s.response_ids for s in out] == ref.tolist()
     assert all(s.finish_reason == "length" and len(s.logprobs) == 12 for s in out)
 
 
 def test_cached_equals_uncached(llama):
-    out = R.generate(llama, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[], progress=False)
+    out = gen(llama, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[], progress=False)
     assert [s.response_ids for s in out] == [greedy_uncached(llama, p, 10) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logprobs_equal_training_logprobs(llama, temperature):
-    out = R.generate(llama, PROMPTS, n=3, max_new_tokens=9, temperature=temperature, seed=5,
+    out = gen(llama, PROMPTS, n=3, max_new_tokens=9, temperature=temperature, seed=5,
                      progress=False)
     seqs = [s.prompt_ids + s.response_ids for s in out]
     ids, pos, cu, mx = M.pack(seqs)
@@ -63,26 +69,26 @@ def test_sampler_logprobs_equal_training_logprobs(llama, temperature):
 
 def test_same_seed_same_samples_whatever_the_batching(llama):
     kw = dict(n=4, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=11, progress=False)
-    many = R.generate(llama, PROMPTS, **kw)
-    one_slot = R.generate(llama, PROMPTS, max_cache_tokens=19, **kw)  # 1 slot: 11 + 8 tokens
-    few = R.generate(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)  # 3 slots: groups split
+    many = gen(llama, PROMPTS, **kw)
+    one_slot = gen(llama, PROMPTS, max_cache_tokens=19, **kw)  # 1 slot: 11 + 8 tokens
+    few = gen(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)  # 3 slots: groups split
     key = lambda samples: [(s.prompt_idx, s.sample_idx, s.response_ids) for s in samples]
     assert key(many) == key(one_slot) == key(few)
     assert [s.prompt_idx for s in many] == [i for i in range(4) for _ in range(4)]
-    other = R.generate(llama, PROMPTS, **dict(kw, seed=12))
+    other = gen(llama, PROMPTS, **dict(kw, seed=12))
     assert key(other) != key(many)
 
 
 def test_samples_of_a_prompt_are_independent(llama):
-    out = R.generate(llama, [PROMPTS[0]], n=8, max_new_tokens=6, temperature=1.0, progress=False)
+    out = gen(llama, [PROMPTS[0]], n=8, max_new_tokens=6, temperature=1.0, progress=False)
     assert len({tuple(s.response_ids) for s in out}) == 8
 
 
 def test_stop_token_ends_completion(llama):
-    greedy = R.generate(llama, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[],
+    greedy = gen(llama, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[],
                         progress=False)
     stop = greedy[0].response_ids[3]  # the 4th greedy token of prompt 0 becomes a stop id
-    out = R.generate(llama, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[stop],
+    out = gen(llama, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[stop],
                      progress=False)
     for g, s in zip(greedy, out):
         cut = g.response_ids.index(stop) + 1 if stop in g.response_ids else len(g.response_ids)
@@ -102,13 +108,13 @@ def test_default_stop_ids_come_from_config_and_tokenizer(ckpts):
 def test_flash_kvcache_path_matches_sdpa(llama, monkeypatch):
     import flash_attn_double
     kw = dict(n=2, max_new_tokens=8, temperature=1.0, seed=3, progress=False)
-    ref = R.generate(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)
+    ref = gen(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)
     monkeypatch.setattr(M, "FLASH", flash_attn_double)
     calls = []
     real = flash_attn_double.flash_attn_with_kvcache
     monkeypatch.setattr(flash_attn_double, "flash_attn_with_kvcache",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    out = R.generate(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)
+    out = gen(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)
     assert calls, "the flash decode path was not taken"
     for a, b in zip(ref, out):
         assert a.response_ids == b.response_ids
@@ -158,4 +164,4 @@ def test_uniforms_are_uniform_and_distinct_per_stream():
 def test_bad_input(llama, kwargs, match):
     kwargs = dict(dict(max_new_tokens=8, progress=False), **kwargs)
     with pytest.raises(ValueError, match=match):
-        R.generate(llama, **kwargs)
+        gen(llama, **kwargs)

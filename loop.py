@@ -1,0 +1,443 @@
+"""The outer run shared by grpo.py and ppo.py: flags, setup, data order, validation, logging,
+checkpoints and resume. The step itself is the algorithm's, in grpo.py / ppo.py:
+
+    run = loop.Run(args, "grpo")          # processes, seeds, tokenizer, questions, --out
+    policy = run.trainable("policy", run.model_dir, args.lr)
+    for step in run.steps():               # resumes from a checkpoint when asked
+        metrics, rollouts = train_step(step, policy, ...)
+        run.end_step(step, metrics, rollouts)   # validate, log, checkpoint
+
+Checkpoints: out/step-N/ holds Hugging Face model files (the policy at the top, other trainables
+in sub-dirs; transformers, vLLM and evaluate.py read them), resume/ (sharded model and optimizer
+state, torch.distributed.checkpoint), rng-R.pt per rank, and trainer_state.json (step, LR
+schedules, the state of everything given to run.track, the flags). Each is written to
+step-N.tmp and renamed when complete; --keep-last N are kept.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import evaluate
+import model as M
+import reward
+import rollout
+from parallel import Gathered, load_sharded, setup_dist
+from rl import Trainable
+
+# `--model tiny` (the CPU demo) starts from these defaults instead; flags given still win, and
+# `--model tiny --help` shows them.
+TINY_DEFAULTS = dict(data="demo", batch_prompts=16, n=16, max_new_tokens=8, lr=1e-3,
+                     warmup_steps=0, kl_coef=0.0, steps=200, micro_tokens=4096, save_every=50,
+                     samples_every=10, grad_ckpt=False)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default after its help."""
+
+
+def build_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags both trainers take, in --help sections; each entry script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    for add_flags in (_data_flags, _rollout_flags, _objective_flags, _optimisation_flags,
+                      _run_flags):
+        add_flags(p)
+    return p
+
+
+def _data_flags(p):
+    add = p.add_argument_group("model and data").add_argument
+    add("--model", default="meta-llama/Llama-3.1-8B-Instruct",
+        help="HF id, local dir, or 'tiny' (random-init, CPU demo)")
+    add("--data", default="medqa_train,medmcqa_train",
+        help="comma-separated data.py names (or 'demo'); NAME=PATH reads a local raw file")
+    add("--pass-rates", default=None,
+        help="JSONL of per-question pass rates (evaluate.py --pass-rates) for the difficulty mix")
+    add("--mix", default="easy:3000,medium:3000,hard:3000",
+        help="difficulty mix drawn from --mix-source when --pass-rates is given")
+    add("--mix-source", default="medmcqa_train",
+        help="which --data source the difficulty mix subsamples")
+    add("--mix-size", type=int, default=9000,
+        help="without --pass-rates: a uniform random subset of --mix-source of this size (0 = all)")
+    add("--prompt-style", default="alphamed", choices=["alphamed", "medrlvr"],
+        help="prompt template (data.build_messages)")
+    add("--shuffle-options", action="store_true",
+        help="shuffle answer options each time a question is used")
+    add("--val-size", type=int, default=0,
+        help="hold out this many training questions for greedy validation")
+    add("--val-every", type=int, default=0, help="validate every N steps (0 = never)")
+
+
+def _rollout_flags(p):
+    add = p.add_argument_group("rollout").add_argument
+    add("--batch-prompts", type=int, default=512, help="prompts per step, all ranks together")
+    add("--num-samples", "--group-size", dest="n", type=int, default=8,
+        help="n: completions sampled per prompt (GRPO's group size G)")
+    add("--max-new-tokens", type=int, default=2048, help="completion length cap")
+    add("--temperature", type=float, default=1.0,
+        help="sampling temperature, also used in training log-probs")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    add("--max-cache-tokens", type=int, default=262144, help="KV-cache budget per rank, in tokens")
+
+
+def _objective_flags(p):
+    add = p.add_argument_group("objective").add_argument
+    add("--format", default="boxed", choices=reward.FORMATS, help="answer format the reward parses")
+    add("--reward-values", default="1,0,0",
+        help="reward for correct,wrong,bad-format (Med-RLVR: 1,0,-1)")
+    add("--clip-low", type=float, default=0.2, help="ratio clip below 1 - clip_low")
+    add("--clip-high", type=float, default=0.2,
+        help="ratio clip above 1 + clip_high (clip-higher: > clip_low)")
+    add("--dual-clip", type=float, default=0.0,
+        help="dual-clip constant c > 1 for negative advantages (0 = off)")
+    add("--kl-coef", type=float, default=0.001,
+        help="per-token KL penalty to the reference (GRPO: in the loss; PPO: in the reward; 0 = no"
+             " reference model)")
+    add("--kl-estimator", default="k3", choices=["k1", "k2", "k3"], help="KL estimator")
+    add("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean",
+        "seq-mean-token-sum"],
+        help="how per-token losses are averaged")
+    add("--entropy-coef", type=float, default=0.0, help="entropy bonus coefficient")
+
+
+def _optimisation_flags(p):
+    add = p.add_argument_group("optimisation").add_argument
+    add("--steps", type=int, default=300, help="training steps (rollout batches)")
+    add("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
+    add("--mini-batches", type=int, default=1, help="optimizer steps per pass")
+    add("--lr", type=float, default=1e-6, help="AdamW learning rate")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--warmup-steps", type=int, default=10, help="linear warmup, in optimizer steps")
+    add("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after warmup")
+    add("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
+    add("--micro-tokens", type=int, default=16384,
+        help="token budget of one packed training micro-batch")
+    add("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
+        help="activation checkpointing per block (an 8B update at --micro-tokens 16384 keeps ~4 GB "
+             "of activations with it, ~106 GB without: bench/activations.py)")
+
+
+def _run_flags(p):
+    add = p.add_argument_group("run").add_argument
+    add("--out", default="runs/grpo", help="output dir: checkpoints, metrics.jsonl, samples.jsonl")
+    add("--seed", type=int, default=0, help="one seed for data order, sampling and init")
+    add("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    add("--keep-last", type=int, default=2, help="checkpoints kept")
+    add("--resume", default=None, help="checkpoint dir to resume from, or 'auto' (latest in --out)")
+    add("--samples-every", type=int, default=10, help="write a few completions every N steps")
+    add("--wandb-project", default=None, help="log to wandb (offline without WANDB_API_KEY)")
+
+def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
+    """Parse, with `tiny_defaults` when --model tiny is given; one clear error naming the flag."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model")
+    if pre.parse_known_args(argv)[0].model == "tiny":  # before the real parse: --help shows them
+        p.set_defaults(**tiny_defaults)
+    args = p.parse_args(argv)
+    try:
+        reward.RewardValues.parse(args.reward_values)
+    except ValueError as e:
+        p.error(f"--reward-values {args.reward_values!r}: {e}")
+    rules = [("--num-samples", args.n, args.n >= 1, "must be >= 1"),
+             ("--temperature", args.temperature, args.temperature > 0,
+              "must be > 0 (it divides the training logits)"),
+             ("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1]"),
+             ("--batch-prompts", args.batch_prompts, args.batch_prompts >= 1, "must be >= 1"),
+             ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "must be >= 1"),
+             ("--clip-low", args.clip_low, 0 < args.clip_low < 1, "must be in (0, 1)"),
+             ("--clip-high", args.clip_high, args.clip_high > 0, "must be > 0"),
+             ("--dual-clip", args.dual_clip, args.dual_clip == 0 or args.dual_clip > 1,
+              "must be 0 (off) or > 1"),
+             ("--kl-coef", args.kl_coef, args.kl_coef >= 0, "must be >= 0"),
+             ("--ppo-epochs", args.ppo_epochs, args.ppo_epochs >= 1, "must be >= 1"),
+             ("--mini-batches", args.mini_batches,
+              1 <= args.mini_batches <= args.batch_prompts * args.n,
+              "must be between 1 and the number of completions per step"),
+             ("--save-every", args.save_every, args.save_every >= 1, "must be >= 1"),
+             ("--keep-last", args.keep_last, args.keep_last >= 1, "must be >= 1")]
+    for flag, value, ok, why in rules:
+        if not ok:
+            p.error(f"{flag} {value}: {why}")
+    return args
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Run:
+    """Everything a training run holds besides the algorithm: see the module docstring."""
+
+    def __init__(self, args, name: str):
+        self.args, self.name = args, name
+        self.dist = setup_dist()
+        if args.batch_prompts % self.dist.world:
+            raise ValueError(f"--batch-prompts {args.batch_prompts} must be a multiple of the "
+                             f"{self.dist.world} ranks")
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        from transformers import AutoTokenizer
+        self.model_dir = self.local_model(args.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.reward_values = reward.RewardValues.parse(args.reward_values)
+        self.trainables: dict[str, Trainable] = {}
+        self.tracked = {}  # name -> object with state_dict() / load_state_dict(), checkpointed
+        self.train, self.val = None, None
+
+    def local_model(self, name: str) -> str:
+        """A local dir for `name`: 'tiny' is written once into --out; hub ids are downloaded on
+        rank 0 first."""
+        if name == "tiny":
+            path = os.path.join(self.args.out, "tiny-init")
+            if self.dist.main and not os.path.exists(os.path.join(path, "config.json")):
+                from tiny import make_tiny_checkpoint
+                make_tiny_checkpoint(path, "llama", seed=self.args.seed)
+            self.dist.barrier()
+            return path
+        if self.dist.main:
+            M.resolve(name)
+        self.dist.barrier()
+        return M.resolve(name)
+
+    def trainable(self, name: str, path: str, lr: float, value_head: bool = False) -> Trainable:
+        """A trained model (checkpointed with the run) loaded from `path`."""
+        self.trainables[name] = Trainable.load(name, path, lr, self.args, self.dist, value_head)
+        return self.trainables[name]
+
+    def reference(self):
+        """The frozen starting policy, sharded, in the inference dtype."""
+        return load_sharded(self.model_dir, self.dist, self.dist.dtype).requires_grad_(False)
+
+    def track(self, name: str, obj):
+        """Checkpoint obj.state_dict() with the run and restore it on resume."""
+        self.tracked[name] = obj
+
+    def questions(self, step: int) -> tuple[list[data.Question], int]:
+        """This rank's prompts for a step and the global index of the first: a seeded permutation
+        per epoch, read in order (the data position is a function of the step), split evenly."""
+        if self.train is None:
+            self.train, self.val = training_questions(self.args, self.dist)
+        args, per_rank = self.args, self.args.batch_prompts // self.dist.world
+        first = step * args.batch_prompts + self.dist.rank * per_rank
+        out = []
+        for g in range(first, first + per_rank):
+            epoch, i = divmod(g, len(self.train))
+            order = np.random.default_rng([args.seed, epoch]).permutation(len(self.train))
+            q = self.train[order[i]]
+            if args.shuffle_options:
+                q = data.shuffle_options(q, random.Random(args.seed * 1_000_003 + g))
+            out.append(q)
+        return out, self.dist.rank * per_rank
+
+    def sampling(self, step: int) -> rollout.Sampling:
+        a = self.args
+        return rollout.Sampling(n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                top_p=a.top_p, seed=a.seed * 1_000_003 + step,
+                                max_cache_tokens=a.max_cache_tokens)
+
+    def steps(self):
+        """The step numbers still to run (from the checkpoint's with --resume), with a progress bar;
+        the process group is closed after the last."""
+        if self.train is None:
+            self.train, self.val = training_questions(self.args, self.dist)
+        start = resume(self)
+        self.logger = Logger(self.args, self.dist)
+        self.bar = tqdm(range(start, self.args.steps), initial=start, total=self.args.steps,
+                        desc=self.name, disable=not self.dist.main)
+        yield from self.bar
+        self.dist.close()
+
+    def end_step(self, step: int, metrics: dict, rollouts: list):
+        """Validate, log and checkpoint as the flags say."""
+        args = self.args
+        if args.val_every and (step + 1) % args.val_every == 0 and self.val:
+            metrics.update(validate(self))
+        show = rollouts[:2] if args.samples_every and step % args.samples_every == 0 else None
+        self.logger.log(step + 1, metrics, show)
+        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                             acc=f"{metrics['accuracy']:.3f}", len=f"{metrics['response_len']:.0f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(self, step + 1)
+
+
+@torch.no_grad()
+def validate(run: Run) -> dict:
+    """Greedy accuracy and format failures on the held-out questions, through evaluate.py with the
+    training prompt and format. Every rank gathers the weights, even one with no questions."""
+    a = run.args
+    greedy = rollout.Sampling(n=1, max_new_tokens=a.max_new_tokens, temperature=0.0,
+                              seed=a.seed, max_cache_tokens=a.max_cache_tokens)
+    with Gathered(run.trainables["policy"].module) as m:
+        generate_fn = evaluate.generation_fn(m, run.tokenizer, greedy, a.prompt_style,
+                                             progress=False)
+        res, _ = evaluate.evaluate_benchmark(run.val, generate_fn, a.format, run.dist)
+    return {} if res is None else dict(val_accuracy=res["accuracy"],
+                                       val_format_fail=res["format_failure_rate"])
+
+
+# ----------------------------------------------------------------------------- data and logging
+
+def training_questions(args, dist):
+    """Training questions (deduplicated, benchmark overlap removed, mixed) and a held-out slice."""
+    if args.data == "demo":
+        qs = data.load_benchmark("demo")
+    else:
+        sources = {}
+        for spec in args.data.split(","):
+            name, _, path = spec.partition("=")
+            sources[name] = data.load_benchmark(name, path or None)
+        if args.mix_source in sources:
+            sources[args.mix_source] = subsample(sources[args.mix_source], args, dist)
+        exclude = [data.load_benchmark(n) for n in ("medqa", "medmcqa")]  # their test/dev splits
+        qs = data.build_train_set(list(sources.values()), exclude=exclude)
+    qs = [qs[i] for i in np.random.default_rng(args.seed).permutation(len(qs))]
+    val, train = qs[:args.val_size], qs[args.val_size:]
+    if len(train) < 1:
+        raise ValueError(f"--data {args.data}: no training questions left after --val-size "
+                         f"{args.val_size}")
+    return train, val
+
+
+def subsample(qs, args, dist):
+    if args.pass_rates:
+        return data.difficulty_mix(qs, args.pass_rates, args.mix, seed=args.seed)
+    if args.mix_size and args.mix_size < len(qs):
+        if dist.main:
+            print(f"note: no --pass-rates, so {args.mix_source} is a uniform random "
+                  f"{args.mix_size}; "
+                  f"run `python evaluate.py {args.model} --num-samples 4 --pass-rates --benchmarks "
+                  f"{args.mix_source}` for AlphaMed's difficulty mix")
+        keep = np.random.default_rng(args.seed).permutation(len(qs))[:args.mix_size]
+        return [qs[i] for i in sorted(keep)]
+    return qs
+
+
+class Logger:
+    """metrics.jsonl (one JSON object per step), samples.jsonl, wandb if configured; rank 0 only."""
+
+    def __init__(self, args, dist):
+        self.on = dist.main
+        self.wandb = None
+        if self.on:
+            os.makedirs(args.out, exist_ok=True)
+            self.metrics = open(os.path.join(args.out, "metrics.jsonl"), "a")
+            self.samples = open(os.path.join(args.out, "samples.jsonl"), "a")
+            if args.wandb_project:
+                import wandb
+                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+                self.wandb = wandb.init(project=args.wandb_project, config=vars(args), mode=mode,
+                                        dir=args.out)
+
+    def log(self, step: int, metrics: dict, rollouts=None):
+        if not self.on:
+            return
+        self.metrics.write(json.dumps(dict(step=step, **metrics)) + "\n")
+        self.metrics.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        for r in rollouts or []:
+            self.samples.write(json.dumps(dict(step=step, question=r.question.id, reward=r.reward,
+                                               completion=r.text)) + "\n")
+        self.samples.flush()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run: Run, step: int) -> str:
+    """out/step-N/: see the module docstring. Written to step-N.tmp, renamed when complete."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_state_dict)
+    args, dist = run.args, run.dist
+    final = os.path.join(args.out, f"step-{step:06d}")
+    tmp = final + ".tmp"
+    full_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {}
+    for name, part in run.trainables.items():
+        full = get_model_state_dict(part.module, options=full_options)
+        if dist.main:
+            where = tmp if name == "policy" else os.path.join(tmp, name)
+            M.save_model(part.module, run.tokenizer, where,
+                         state_dict={k: v.to(dist.dtype) for k, v in full.items()})
+        state[f"{name}.model"], state[f"{name}.optim"] = get_state_dict(part.module, part.opt)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=os.path.join(tmp, "resume"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{dist.rank}.pt"))
+    if dist.main:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(dict(step=step,
+                           schedulers={n: p.sched.state_dict() for n, p in run.trainables.items()},
+                           tracked={n: obj.state_dict() for n, obj in run.tracked.items()},
+                           args=vars(args)), f, indent=1)
+    dist.barrier()
+    if dist.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        for old in sorted(checkpoints(args.out))[:-args.keep_last]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def checkpoints(out: str) -> list[str]:
+    if not os.path.isdir(out):
+        return []
+    return [os.path.join(out, n) for n in os.listdir(out)
+            if n.startswith("step-") and not n.endswith(".tmp")]
+
+
+def resume(run: Run) -> int:
+    """The first step to run: 0, or the step of the checkpoint --resume names (restored)."""
+    args = run.args
+    if not args.resume and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+        raise FileExistsError(f"--out {args.out} already holds a run: pass --resume auto to "
+                              f"continue it, or choose another --out")
+    run.dist.barrier()  # every rank has looked before rank 0's Logger creates metrics.jsonl
+    if not args.resume:
+        return 0
+    found = sorted(checkpoints(args.out)) if args.resume == "auto" else [args.resume]
+    return load_checkpoint(found[-1], run) if found else 0
+
+
+def load_checkpoint(path: str, run: Run) -> int:
+    """Restore weights, optimizers, schedules, tracked state and RNG; returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if not os.path.exists(os.path.join(path, "trainer_state.json")):
+        raise FileNotFoundError(f"--resume {path}: not a checkpoint (no trainer_state.json)")
+    state = {}
+    for name, part in run.trainables.items():
+        state[f"{name}.model"], state[f"{name}.optim"] = get_state_dict(part.module, part.opt)
+    dcp.load(state, checkpoint_id=os.path.join(path, "resume"))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        meta = json.load(f)
+    for name, part in run.trainables.items():
+        set_state_dict(part.module, part.opt, model_state_dict=state[f"{name}.model"],
+                       optim_state_dict=state[f"{name}.optim"])
+        part.sched.load_state_dict(meta["schedulers"][name])
+    for name, obj in run.tracked.items():
+        obj.load_state_dict(meta["tracked"][name])
+    rng_file = os.path.join(path, f"rng-{run.dist.rank}.pt")
+    if not os.path.exists(rng_file):
+        raise FileNotFoundError(f"{rng_file} missing: resume with the world size the run was "
+                                f"saved with")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta["step"]
+
+
+def rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s["cuda"] is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])

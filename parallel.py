@@ -1,0 +1,145 @@
+"""Processes and devices: the process group, FSDP2 sharding, gathered weights for generation.
+
+One setup for every entry point (grpo.py, ppo.py, evaluate.py). torchrun sets WORLD_SIZE and RANK;
+without it, one CPU process is one rank with no process group, and one GPU is a one-rank NCCL
+group (so FSDP2's bf16 mixed precision applies there too). Every collective lives behind `Dist`,
+so the rest of medrl never imports torch.distributed.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+import model as M
+
+
+@dataclass
+class Dist:
+    """This process's place among the ranks, and the few collectives medrl needs."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Inference and gathered weights: bf16 on CUDA, fp32 on CPU (where bf16 is slow)."""
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def sum(self, values: list[float]) -> list[float]:
+        """All-reduce a list of floats (one collective, same length on every rank)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            torch_dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, value: int) -> int:
+        t = torch.tensor([value], device=self.device)
+        if self.world > 1:
+            torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj` on rank 0, in rank order (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        torch_dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.world > 1:
+            torch_dist.barrier()
+
+    def close(self):
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def setup_dist() -> Dist:
+    """torchrun's environment -> Dist; NCCL on CUDA, gloo on CPU. Plain `python` is one rank."""
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        if not cuda:
+            return Dist()
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), device)
+
+
+def shard(module: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    """FSDP2: each block, then the root. bf16 compute and fp32 gradient reduction on CUDA."""
+    if not torch_dist.is_initialized():  # one CPU process
+        return module.to(dist.device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if dist.device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    for block in module.model.layers:
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(module, mp_policy=policy)
+
+
+def load_sharded(path: str, dist: Dist, dtype: torch.dtype, value_head: bool = False):
+    """A model from an HF checkpoint, sharded, from one host copy of the weights: every rank builds
+    it on the meta device, shards it and allocates only its own shards; rank 0 reads the checkpoint
+    and broadcasts it tensor by tensor, each rank keeping its slice. Host memory holds rank 0's
+    copy only; each device its shards plus one full tensor in flight."""
+    if not torch_dist.is_initialized():
+        return M.load_model(path, dist.device, dtype, value_head=value_head)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model, path, head_new = M.build_model(path, value_head, dtype)
+    state, error = {}, None
+    if dist.main:
+        try:
+            state = M.read_weights(model, path, head_new)
+        except (OSError, ValueError) as e:
+            error = e
+    error = dist.broadcast(error)  # every rank raises rank 0's error; none waits forever
+    if error is not None:
+        raise error
+    shard(model, dist)
+    model.to_empty(device=dist.device)
+    # strict=False: a tied lm_head has no key of its own; read_weights has checked every key.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, state, options=options)
+    return M.finish_loading(model, path, dist.device)
+
+
+class Gathered:
+    """Context: every FSDP parameter gathered, and kept so, for generation (no collectives inside,
+    so ranks may decode different numbers of steps); resharded on exit. A no-op unsharded."""
+
+    def __init__(self, module):
+        from torch.distributed.fsdp import FSDPModule
+        self.module = module
+        self.fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for m in self.fsdp:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        return self.module
+
+    def __exit__(self, *exc):
+        for m in self.fsdp:
+            m.reshard()
+            m.set_reshard_after_forward(m is not self.module, recurse=False)  # root: FSDP's default

@@ -1,0 +1,271 @@
+"""What one RL step is made of, shared by grpo.py and ppo.py.
+
+A step is: collect (sample n completions per prompt with the policy's own weights, score them
+with the rule reward) -> the algorithm's advantages -> score (per-token log-probs of the reference
+and the old policy, a critic's values) -> update (optimizer steps over packed micro-batches).
+
+- `Rollout`: one completion with its group (the prompt it answers), reward, and the per-token
+  tensors the losses read. One record from sampling to the optimizer.
+- `micro_batches`: rollouts packed back to back (cu_seqlens, no padding) up to a token budget.
+- `score`: log-probs of the response tokens under any model (or a critic's values). Every rank
+  runs the same number of forwards, padding with zero-weight dummy batches.
+- `update`: --ppo-epochs passes in --mini-batches optimizer steps. The loss normaliser is global
+  (`token_weights`: all ranks, all micro-batches), so any cut into micro-batches or ranks gives
+  the same gradient; the loss function gets the weights and returns per-token statistics, which
+  the loop sums over real tokens only.
+- `Trainable`: a module with its AdamW and LR schedule (the policy; PPO's critic).
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+import data
+import model as M
+import reward
+import rollout
+from parallel import Dist, Gathered, load_sharded
+from reward import RewardInfo
+
+
+@dataclass
+class Rollout:
+    """One completion and everything the update needs. Tensors are per response token (R,)."""
+    question: data.Question
+    group: int  # global index of its prompt in the step: the n completions of a prompt share it
+    prompt_ids: list[int]
+    response_ids: list[int]
+    sampler_logprobs: torch.Tensor  # the sampler's log-prob of each response token
+    finish_reason: str  # "stop" or "length"
+    text: str = ""
+    reward: float = 0.0
+    info: RewardInfo | None = None
+    advantages: torch.Tensor | None = None  # GRPO: the group advantage on every token
+    old_logprobs: torch.Tensor | None = None  # the policy's training forward before the update
+    ref_logprobs: torch.Tensor | None = None  # the reference's, when a KL term needs them
+    values: torch.Tensor | None = None  # PPO: the critic's value before each response token
+    returns: torch.Tensor | None = None  # PPO: GAE returns, the value targets
+
+
+def collect(policy, tok, questions, first_group: int, sampling: rollout.Sampling, args,
+            reward_values: reward.RewardValues, dist: Dist) -> list[Rollout]:
+    """Sample sampling.n completions per question (prompt-major) with the policy's gathered
+    weights, and score each with the rule reward. `first_group` is the global index of
+    questions[0] in the step (its random streams and its group number)."""
+    prompts = [data.encode_prompt(tok, q, args.prompt_style) for q in questions]
+    with Gathered(policy) as m:
+        samples = rollout.generate(m, prompts, sampling, stop_ids=rollout.stop_ids_for(m, tok),
+                                   prompt_offset=first_group, progress=dist.main)
+    rollouts = []
+    for s in samples:
+        q = questions[s.prompt_idx]
+        text = tok.decode(s.response_ids, skip_special_tokens=True)
+        r, info = reward.score(text, q, args.format, reward_values)
+        rollouts.append(Rollout(q, first_group + s.prompt_idx, s.prompt_ids, s.response_ids,
+                                torch.tensor(s.logprobs), s.finish_reason, text, r, info))
+    return rollouts
+
+
+def rollout_metrics(rollouts: list[Rollout], dist: Dist) -> dict:
+    """Means over every rank's completions (one all-reduce); the longest response; how many
+    completions and tokens were generated; the share of groups whose completions all got the
+    same reward (no signal for GRPO)."""
+    lens = [len(r.response_ids) for r in rollouts]
+    rewards_of = {}  # group -> the rewards its completions got
+    for r in rollouts:
+        rewards_of.setdefault(r.group, set()).add(r.reward)
+    dead = sum(len(rewards) == 1 for rewards in rewards_of.values())
+    sums = dist.sum([len(rollouts), sum(r.reward for r in rollouts),
+                     sum(r.info.correct for r in rollouts),
+                     sum(not r.info.format_ok for r in rollouts), sum(lens),
+                     sum(r.finish_reason == "length" for r in rollouts),
+                     sum(r.info.answer_leak for r in rollouts),
+                     sum(r.info.reasoning_chars for r in rollouts), len(rewards_of), dead])
+    total = max(sums[0], 1)
+    names = ["reward_mean", "accuracy", "format_fail", "response_len", "truncated", "answer_leak",
+             "reasoning_chars"]
+    out = {k: v / total for k, v in zip(names, sums[1:8])}
+    out.update(response_len_max=dist.max(max(lens, default=0)), completions=int(sums[0]),
+               generated_tokens=int(sums[4]), zero_var_frac=sums[9] / max(sums[8], 1))
+    return out
+
+
+# ----------------------------------------------------------------------------- packing
+
+@dataclass
+class MicroBatch:
+    rollouts: list[Rollout]
+    ids: torch.Tensor  # (N,) prompt + response tokens of every rollout, packed
+    positions: torch.Tensor  # (N,)
+    cu_seqlens: torch.Tensor  # (S+1,) int32
+    max_seqlen: int
+    select: torch.Tensor  # (R,) rows whose next token is a response token
+    targets: torch.Tensor  # (R,) those response tokens
+    lengths: list[int] = field(default_factory=list)  # response length of each rollout
+    # Per response token, (R,) each, concatenated over the rollouts; None when they have none.
+    sampler_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+def micro_batches(rollouts: list[Rollout], token_budget: int, device) -> list[MicroBatch]:
+    """Greedy packing in order until the token budget; an over-long rollout gets its own batch."""
+    batches, current, size = [], [], 0
+    for r in rollouts:
+        n = len(r.prompt_ids) + len(r.response_ids)
+        if current and size + n > token_budget:
+            batches.append(current)
+            current, size = [], 0
+        current.append(r)
+        size += n
+    if current:
+        batches.append(current)
+    return [pack(b, device) for b in batches]
+
+
+def _cat(tensors: list, device) -> torch.Tensor | None:
+    if any(t is None for t in tensors):
+        return None
+    return torch.cat(tensors).float().to(device)
+
+
+def pack(rollouts: list[Rollout], device) -> MicroBatch:
+    sequences = [r.prompt_ids + r.response_ids for r in rollouts]
+    ids, positions, cu, max_seqlen = M.pack(sequences, device)
+    select, targets = [], []
+    for r, start in zip(rollouts, cu[:-1].tolist()):
+        first = start + len(r.prompt_ids) - 1  # the row that predicts the first response token
+        select += range(first, first + len(r.response_ids))
+        targets += r.response_ids
+    return MicroBatch(
+        rollouts, ids, positions, cu, max_seqlen, torch.tensor(select, device=device),
+        torch.tensor(targets, device=device), [len(r.response_ids) for r in rollouts],
+        sampler_logprobs=_cat([r.sampler_logprobs for r in rollouts], device),
+        advantages=_cat([r.advantages for r in rollouts], device),
+        old_logprobs=_cat([r.old_logprobs for r in rollouts], device),
+        ref_logprobs=_cat([r.ref_logprobs for r in rollouts], device),
+        values=_cat([r.values for r in rollouts], device),
+        returns=_cat([r.returns for r in rollouts], device))
+
+
+def dummy_batch(device) -> MicroBatch:
+    """One token with every per-token field zero: a rank with fewer micro-batches runs these, at
+    weight zero, so that every rank makes the same forwards and backwards (FSDP's collectives)."""
+    zero = torch.zeros(1)
+    return pack([Rollout(None, -1, [0], [0], zero, "length", advantages=zero, old_logprobs=zero,
+                         ref_logprobs=zero, values=zero, returns=zero)], device)
+
+
+# ----------------------------------------------------------------------------- forwards
+
+def logprobs(model, mb: MicroBatch, temperature: float, entropy: bool = False):
+    """Per-response-token log-probs (R,) of mb's targets, and entropies (R,) when asked."""
+    return model(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, select=mb.select,
+                 targets=mb.targets, temperature=temperature, entropy=entropy)
+
+
+def values(critic, mb: MicroBatch) -> torch.Tensor:
+    """The critic's value (R,) at each row that predicts a response token."""
+    return critic(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, select=mb.select)
+
+
+@torch.no_grad()
+def score(model, rollouts: list[Rollout], args, dist: Dist) -> list[torch.Tensor]:
+    """Each rollout's per-response-token log-probs under `model` (a critic: its values), on the
+    CPU. Every rank runs the same number of forwards."""
+    critic = model.config.value_head
+    mbs = micro_batches(rollouts, args.micro_tokens, dist.device)
+    out = []
+    for i in range(dist.max(len(mbs))):
+        mb = mbs[i] if i < len(mbs) else dummy_batch(dist.device)
+        per_token = values(model, mb) if critic else logprobs(model, mb, args.temperature)[0]
+        if i < len(mbs):
+            out += [t.cpu() for t in per_token.float().split(mb.lengths)]  # (R_i,) each
+    return out
+
+
+# ----------------------------------------------------------------------------- update
+
+def token_weights(lengths: list[int], mode: str, total_tokens: int, total_seqs: int,
+                  max_new_tokens: int) -> torch.Tensor:
+    """The weight of each token in the loss, so that summing over micro-batches and ranks gives the
+    chosen aggregation exactly (total_* are global counts for the optimizer step)."""
+    if mode == "token-mean":
+        per_seq = [1.0 / total_tokens] * len(lengths)
+    elif mode == "seq-mean-token-mean":
+        per_seq = [1.0 / (n * total_seqs) for n in lengths]
+    else:  # seq-mean-token-sum: Dr. GRPO's constant normaliser
+        per_seq = [1.0 / (max_new_tokens * total_seqs)] * len(lengths)
+    return torch.cat([torch.full((n,), w) for n, w in zip(lengths, per_seq)])
+
+
+@dataclass
+class Trainable:
+    """A trained model (fp32 master weights, FSDP2-sharded) with its AdamW and LR schedule. In a
+    checkpoint the policy's HF files sit at the top of step-N/, others in step-N/<name>/."""
+    name: str
+    module: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+    @classmethod
+    def load(cls, name: str, path: str, lr: float, args, dist: Dist, value_head: bool = False):
+        module = load_sharded(path, dist, torch.float32, value_head)
+        module.gradient_checkpointing = args.grad_ckpt
+        opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=args.weight_decay)
+        total = args.steps * args.ppo_epochs * args.mini_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
+        return cls(name, module, opt, schedule)
+
+
+def lr_lambda(args, total: int):
+    def factor(i):
+        if i < args.warmup_steps:
+            return (i + 1) / args.warmup_steps
+        if args.lr_schedule == "cosine":
+            progress = (i - args.warmup_steps) / max(1, total - args.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+def update(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist) -> list[dict]:
+    """--ppo-epochs passes over the rollouts, each in --mini-batches optimizer steps.
+    loss_fn(mb, weights) -> (loss, {name: per-token tensor}); returns one dict per optimizer step:
+    the loss and each statistic summed over real tokens of every rank, `tokens`, the grad norm
+    and the learning rate."""
+    minis = [rollouts[i::args.mini_batches] for i in range(args.mini_batches)]
+    return [optimizer_step(part, mini, loss_fn, args, dist)
+            for _ in range(args.ppo_epochs) for mini in minis]
+
+
+def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist) -> dict:
+    tokens, seqs = dist.sum([sum(len(r.response_ids) for r in rollouts), len(rollouts)])
+    mbs = micro_batches(rollouts, args.micro_tokens, dist.device)
+    sums = {"loss": 0.0, "tokens": 0.0}
+    for i in range(dist.max(len(mbs))):
+        dummy = i >= len(mbs)  # keeps this rank's forwards and backwards matched with the others'
+        mb = dummy_batch(dist.device) if dummy else mbs[i]
+        weights = token_weights(mb.lengths, args.loss_agg, max(tokens, 1), max(seqs, 1),
+                                args.max_new_tokens).to(dist.device) * (0.0 if dummy else 1.0)
+        loss, per_token = loss_fn(mb, weights)
+        (loss * dist.world).backward()  # FSDP averages over ranks; the weights are global already
+        sums["loss"] += loss.item()
+        sums["tokens"] += 0 if dummy else len(mb.targets)
+        for key, t in per_token.items():  # every rank adds every key: the all-reduce below matches
+            sums[key] = sums.get(key, 0.0) + (0.0 if dummy else t.detach().float().sum().item())
+    grad_norm = clip_grads(part.module, args.grad_clip)
+    part.opt.step()
+    part.sched.step()
+    part.opt.zero_grad(set_to_none=True)
+    sums = dict(zip(sums, dist.sum(list(sums.values()))))
+    return dict(sums, grad_norm=grad_norm, lr=part.sched.get_last_lr()[0])
+
+
+def clip_grads(module, max_norm: float) -> float:
+    limit = max_norm if max_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), limit)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
