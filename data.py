@@ -263,12 +263,26 @@ def load_benchmark(name: str, path=None, split: str | None = None) -> list[Quest
         import pyarrow.parquet as pq  # comes with `datasets`
         rows = [(f"{path} row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
     else:
-        from datasets import load_dataset  # optional dependency: only the hub path needs it
-        hub_id, config, split = *entry["hub"][:2], split or entry["hub"][2]
-        rows = [(f"{hub_id} {split} row {i}", dict(r))
-                for i, r in enumerate(load_dataset(hub_id, config, split=split))]
+        rows = _hub_rows(name, entry, split)
     questions = _convert(rows, entry["hub_row"], name)
     return entry["select"](questions) if "select" in entry else questions
+
+
+class HubUnavailable(OSError):
+    """A benchmark that only the Hugging Face hub has here, and the hub could not be read."""
+
+
+def _hub_rows(name: str, entry: dict, split: str | None) -> list[tuple[str, dict]]:
+    from datasets import load_dataset  # optional dependency: only the hub path needs it
+    hub_id, config, split = *entry["hub"][:2], split or entry["hub"][2]
+    try:
+        dataset = load_dataset(hub_id, config, split=split)
+    except Exception as e:  # offline, unreachable, gated: one clear error naming what to pass
+        raise HubUnavailable(
+            f"{name} comes from the Hugging Face hub ({hub_id}, split {split}), which could not be "
+            f"read ({type(e).__name__}: {str(e)[:200]}). Offline, pass --data-dir DIR holding "
+            f"{entry['file']} (raw files laid out as ../shared/data) or {name}=PATH") from None
+    return [(f"{hub_id} {split} row {i}", dict(r)) for i, r in enumerate(dataset)]
 
 
 def load_benchmark_dir(name: str, data_dir) -> list[Question]:

@@ -180,6 +180,8 @@ def train_step(step: int, policy: rl.Trainable, ref, run: loop.Run) -> tuple[dic
 
 def main(argv=None):
     args = get_args(argv)
+    if args.plan:
+        return loop.plan_only(args, "grpo")
     run = loop.Run(args, "grpo")
     policy = run.trainable("policy", run.model_dir, args.lr)
     ref = run.reference() if args.kl_coef > 0 else None  # KL 0: no reference model at all

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import memory
 import model as M
 import reward
 import rollout
@@ -57,6 +58,12 @@ def _data_flags(p):
         help="HF id, local dir, or 'tiny' (random-init, CPU demo)")
     add("--data", default="medqa_train,medmcqa_train",
         help="comma-separated data.py names (or 'demo'); NAME=PATH reads a local raw file")
+    add("--data-dir", default=None,
+        help="folder of raw benchmark files laid out as ../shared/data: every name in --data and "
+             "--exclude is read from it, not from the hub (offline training)")
+    add("--exclude", default="medqa,medmcqa",
+        help="benchmarks whose questions are removed from training (default: the MedQA test and "
+             "MedMCQA dev sets the recipe evaluates on); 'none' keeps everything")
     add("--pass-rates", default=None,
         help="JSONL of per-question pass rates (evaluate.py --pass-rates) for the difficulty mix")
     add("--mix", default="easy:3000,medium:3000,hard:3000",
@@ -83,7 +90,9 @@ def _rollout_flags(p):
     add("--temperature", type=float, default=1.0,
         help="sampling temperature, also used in training log-probs")
     add("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
-    add("--max-cache-tokens", type=int, default=262144, help="KV-cache budget per rank, in tokens")
+    add("--max-cache-tokens", type=int, default=262144,
+        help="KV-cache budget per rank, in tokens: it holds budget / (longest prompt + "
+             "--max-new-tokens) sequences at once (fewer: more decode rounds, the same samples)")
 
 
 def _objective_flags(p):
@@ -116,8 +125,10 @@ def _optimisation_flags(p):
     add("--warmup-steps", type=int, default=10, help="linear warmup, in optimizer steps")
     add("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after warmup")
     add("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
-    add("--micro-tokens", type=int, default=16384,
-        help="token budget of one packed training micro-batch")
+    add("--micro-tokens", type=int, default=None,
+        help="token budget of one packed training micro-batch (default: 16384 on CUDA; 2048 on "
+             "CPU, where a real model's activations cost ~0.1-1.4 MB per token: the run's memory "
+             "plan shows it)")
     add("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
         help="activation checkpointing per block (an 8B update at --micro-tokens 16384 keeps ~4 GB "
              "of activations with it, ~106 GB without: bench/activations.py)")
@@ -127,11 +138,20 @@ def _run_flags(p):
     add = p.add_argument_group("run").add_argument
     add("--out", default="runs/grpo", help="output dir: checkpoints, metrics.jsonl, samples.jsonl")
     add("--seed", type=int, default=0, help="one seed for data order, sampling and init")
-    add("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    add("--save-every", type=int, default=50,
+        help="checkpoint every N steps and at the end (0 = never: nothing to resume from)")
     add("--keep-last", type=int, default=2, help="checkpoints kept")
     add("--resume", default=None, help="checkpoint dir to resume from, or 'auto' (latest in --out)")
     add("--samples-every", type=int, default=10, help="write a few completions every N steps")
     add("--wandb-project", default=None, help="log to wandb (offline without WANDB_API_KEY)")
+    add("--plan", action="store_true",
+        help="print the per-phase memory plan for these flags and exit (reads only the model's "
+             "config.json); every run prints its own plan at start")
+    add("--plan-world", type=int, default=None, help="--plan: ranks (default: this launch's)")
+    add("--plan-device", choices=["cuda", "cpu"], default=None,
+        help="--plan: the device planned for (default: this machine's)")
+    add("--plan-prompt-tokens", type=int, default=512,
+        help="--plan: the longest prompt (a run measures its own)")
 
 def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
     """Parse, with `tiny_defaults` when --model tiny is given; one clear error naming the flag."""
@@ -140,10 +160,14 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
     if pre.parse_known_args(argv)[0].model == "tiny":  # before the real parse: --help shows them
         p.set_defaults(**tiny_defaults)
     args = p.parse_args(argv)
+    if args.micro_tokens is None:  # the device the run (or --plan) is for
+        device = args.plan_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.micro_tokens = 16384 if device == "cuda" else 2048
     try:
         reward.RewardValues.parse(args.reward_values)
     except ValueError as e:
         p.error(f"--reward-values {args.reward_values!r}: {e}")
+    check_data_flags(p, args)
     rules = [("--num-samples", args.n, args.n >= 1, "must be >= 1"),
              ("--temperature", args.temperature, args.temperature > 0,
               "must be > 0 (it divides the training logits)"),
@@ -159,12 +183,27 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
              ("--mini-batches", args.mini_batches,
               1 <= args.mini_batches <= args.batch_prompts * args.n,
               "must be between 1 and the number of completions per step"),
-             ("--save-every", args.save_every, args.save_every >= 1, "must be >= 1"),
+             ("--save-every", args.save_every, args.save_every >= 0, "must be >= 0"),
              ("--keep-last", args.keep_last, args.keep_last >= 1, "must be >= 1")]
     for flag, value, ok, why in rules:
         if not ok:
             p.error(f"{flag} {value}: {why}")
     return args
+
+
+def check_data_flags(p: argparse.ArgumentParser, args):
+    """Benchmark names, local paths and --data-dir exist: said before any model or data loads."""
+    specs = [spec.partition("=") for spec in args.data.split(",")]
+    excluded = [] if args.exclude == "none" else args.exclude.split(",")
+    for flag, names in (("--data", [name for name, _, _ in specs]), ("--exclude", excluded)):
+        unknown = [n for n in names if n not in data.BENCHMARKS]
+        if unknown:
+            p.error(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(data.BENCHMARKS)}")
+    for name, _, path in specs:
+        if path and not os.path.exists(path):
+            p.error(f"--data {name}={path}: no such file")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        p.error(f"--data-dir {args.data_dir}: no such directory")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -185,9 +224,14 @@ class Run:
         self.model_dir = self.local_model(args.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.reward_values = reward.RewardValues.parse(args.reward_values)
+        self.train, self.val = training_questions(args, self.dist)  # bad data fails before models
+        prompt_len = max(len(data.encode_prompt(self.tokenizer, q, args.prompt_style))
+                         for q in self.train[:512])  # (shuffled) a fair sample of the longest
+        if self.dist.main:
+            print_plan(args, name, M.read_config(self.model_dir), self.dist.world,
+                       self.dist.device.type == "cuda", prompt_len)
         self.trainables: dict[str, Trainable] = {}
         self.tracked = {}  # name -> object with state_dict() / load_state_dict(), checkpointed
-        self.train, self.val = None, None
 
     def local_model(self, name: str) -> str:
         """A local dir for `name`: 'tiny' is written once into --out; hub ids are downloaded on
@@ -220,8 +264,6 @@ class Run:
     def questions(self, step: int) -> tuple[list[data.Question], int]:
         """This rank's prompts for a step and the global index of the first: a seeded permutation
         per epoch, read in order (the data position is a function of the step), split evenly."""
-        if self.train is None:
-            self.train, self.val = training_questions(self.args, self.dist)
         args, per_rank = self.args, self.args.batch_prompts // self.dist.world
         first = step * args.batch_prompts + self.dist.rank * per_rank
         out = []
@@ -243,8 +285,6 @@ class Run:
     def steps(self):
         """The step numbers still to run (from the checkpoint's with --resume), with a progress bar;
         the process group is closed after the last."""
-        if self.train is None:
-            self.train, self.val = training_questions(self.args, self.dist)
         start = resume(self)
         self.logger = Logger(self.args, self.dist)
         self.bar = tqdm(range(start, self.args.steps), initial=start, total=self.args.steps,
@@ -261,8 +301,29 @@ class Run:
         self.logger.log(step + 1, metrics, show)
         self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                              acc=f"{metrics['accuracy']:.3f}", len=f"{metrics['response_len']:.0f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             save_checkpoint(self, step + 1)
+
+
+def print_plan(args, name: str, cfg: M.ModelConfig, world: int, cuda: bool, prompt_len: int):
+    """The memory plan (memory.py) of a grpo / ppo run with these flags, and its peak."""
+    plan = memory.plan(cfg, args, world, cuda, prompt_len, critic=name == "ppo",
+                       reference=args.kl_coef > 0)
+    where = f"{world} x {'CUDA' if cuda else 'CPU'}"
+    print(f"memory plan ({where}, prompts up to {prompt_len} tokens):\n{plan.table()}\n"
+          f"planned peak: {plan.peak() / memory.GB:.2f} GB per process", flush=True)
+
+
+def plan_only(args, name: str):
+    """--plan: the plan from the model's config alone, for --plan-world ranks on --plan-device."""
+    if args.model == "tiny":
+        from tiny import tiny_config
+        cfg = M.ModelConfig.from_hf(tiny_config("llama", 384))
+    else:
+        cfg = M.read_config(args.model)
+    world = args.plan_world or int(os.environ.get("WORLD_SIZE", 1))
+    cuda = (args.plan_device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    print_plan(args, name, cfg, world, cuda, args.plan_prompt_tokens)
 
 
 @torch.no_grad()
@@ -290,10 +351,13 @@ def training_questions(args, dist):
         sources = {}
         for spec in args.data.split(","):
             name, _, path = spec.partition("=")
-            sources[name] = data.load_benchmark(name, path or None)
+            sources[name] = read_benchmark(name, path or None, args.data_dir)
         if args.mix_source in sources:
             sources[args.mix_source] = subsample(sources[args.mix_source], args, dist)
-        exclude = [data.load_benchmark(n) for n in ("medqa", "medmcqa")]  # their test/dev splits
+        if args.exclude == "none" and dist.main:
+            print("warning: --exclude none: training questions may include evaluation questions")
+        names = [] if args.exclude == "none" else args.exclude.split(",")
+        exclude = [read_benchmark(n, None, args.data_dir) for n in names]
         qs = data.build_train_set(list(sources.values()), exclude=exclude)
     qs = [qs[i] for i in np.random.default_rng(args.seed).permutation(len(qs))]
     val, train = qs[:args.val_size], qs[args.val_size:]
@@ -301,6 +365,15 @@ def training_questions(args, dist):
         raise ValueError(f"--data {args.data}: no training questions left after --val-size "
                          f"{args.val_size}")
     return train, val
+
+
+def read_benchmark(name: str, path: str | None, data_dir: str | None):
+    """A local file when given, else the raw file in --data-dir, else the hub."""
+    if path:
+        return data.load_benchmark(name, path)
+    if data_dir:
+        return data.load_benchmark_dir(name, data_dir)
+    return data.load_benchmark(name)
 
 
 def subsample(qs, args, dist):

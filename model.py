@@ -16,6 +16,7 @@ an explicit block-diagonal causal mask. `use_flash` is the one switch (tests inj
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -339,12 +340,37 @@ def pack(seqs: list[list[int]], device="cpu"):
 
 # ----------------------------------------------------------------------------- checkpoint I/O
 
+# What a checkpoint needs from the hub: config and generation config, weights, the tokenizer's
+# files (tokenizer.json, merges.txt, ...) and the chat template (transformers 5 keeps it in a
+# chat_template.jinja beside tokenizer_config.json).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.jinja"]
+
+
 def resolve(name_or_path: str) -> str:
-    """A local directory as is; otherwise a hub id, downloaded (weights, config, tokenizer) once."""
+    """A local directory as is; otherwise a hub id ("org/name"), downloaded once (HUB_FILES)."""
     if os.path.isdir(name_or_path):
         return name_or_path
+    resolve_hub_id(name_or_path)
     from huggingface_hub import snapshot_download
-    return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    return _from_hub(name_or_path,
+                     lambda: snapshot_download(name_or_path, allow_patterns=HUB_FILES))
+
+
+def resolve_hub_id(name: str):
+    """A name that is not a local dir must look like a hub id (org/name), or it is a missing dir."""
+    first = name.split("/")[0]
+    looks_local = first in (".", "..") or os.path.isdir(first)  # e.g. runs/x: a missing run dir
+    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise FileNotFoundError(f"{name}: no such directory (and not a hub id org/name)")
+
+
+def _from_hub(name: str, fetch):
+    try:
+        return fetch()
+    except Exception as e:  # offline, unknown, gated: say so and what to pass instead
+        raise OSError(f"{name}: not a local directory, and the Hugging Face hub could not provide "
+                      f"it ({type(e).__name__}: {str(e)[:200]}); offline, pass a local checkpoint "
+                      f"directory") from None
 
 
 def read_state_dict(path: str) -> dict:
@@ -380,15 +406,25 @@ def check_keys(model: CausalLM, state: dict, path: str, value_head_new: bool):
                          f"unexpected {unexpected[:10]}, shape mismatches {shapes[:10]}")
 
 
+def read_config(name_or_path: str) -> ModelConfig:
+    """The architecture alone: a local dir's config.json, or a hub id's (nothing else fetched)."""
+    if os.path.isdir(name_or_path):
+        cfg_file = os.path.join(name_or_path, "config.json")
+        if not os.path.exists(cfg_file):
+            raise FileNotFoundError(f"{name_or_path}: no config.json")
+    else:
+        resolve_hub_id(name_or_path)
+        from huggingface_hub import hf_hub_download
+        cfg_file = _from_hub(name_or_path, lambda: hf_hub_download(name_or_path, "config.json"))
+    with open(cfg_file) as f:
+        return ModelConfig.from_hf(json.load(f), cfg_file)
+
+
 def build_model(name_or_path: str, value_head: bool = False, dtype=torch.float32):
     """(model on the meta device, its local dir, whether its value head is new): the architecture
     from config.json, no weights yet. `value_head=True` makes a critic of a causal LM checkpoint."""
     path = resolve(name_or_path)
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{path}: no config.json")
-    with open(cfg_file) as f:
-        cfg = ModelConfig.from_hf(json.load(f), cfg_file)
+    cfg = read_config(path)
     head_new = value_head and not cfg.value_head
     cfg.value_head = cfg.value_head or value_head
     with torch.device("meta"):

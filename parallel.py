@@ -5,6 +5,7 @@ without it, one CPU process is one rank with no process group, and one GPU is a 
 group (so FSDP2's bf16 mixed precision applies there too). Every collective lives behind `Dist`,
 so the rest of medrl never imports torch.distributed.
 """
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -71,6 +72,8 @@ class Dist:
 def setup_dist() -> Dist:
     """torchrun's environment -> Dist; NCCL on CUDA, gloo on CPU. Plain `python` is one rank."""
     cuda = torch.cuda.is_available()
+    if not cuda:
+        give_back_freed_memory()
     if "WORLD_SIZE" not in os.environ:
         if not cuda:
             return Dist()
@@ -82,6 +85,17 @@ def setup_dist() -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), device)
+
+
+def give_back_freed_memory():
+    """CPU tensors come from glibc malloc, whose mmap threshold rises with every large free, after
+    which big tensors come from the heap and fragment it: a real-model GRPO step then peaked at
+    3.8 GB RSS instead of 2.8 (measured on SmolLM2-135M). A fixed threshold keeps every tensor
+    above 128 KiB mmapped, given back to the system when freed. No-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def shard(module: torch.nn.Module, dist: Dist) -> torch.nn.Module:

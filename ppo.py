@@ -198,6 +198,8 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
 
 def main(argv=None):
     args = get_args(argv)
+    if args.plan:
+        return loop.plan_only(args, "ppo")
     run = loop.Run(args, "ppo")
     policy = run.trainable("policy", run.model_dir, args.lr)
     critic_dir = run.model_dir if args.critic is None else run.local_model(args.critic)

@@ -9,8 +9,10 @@ contiguous). `Sampling` holds the settings; trainers and evaluate.py build one a
 - Prefill: the prompts being admitted are packed (no padding) and run once each; every layer
   writes a prompt's k/v straight into all the slots of its samples (a group of n shares one pass).
 - Decode: one token for every occupied slot per step, each at its own position. A finished slot is
-  refilled from the queue (continuous batching), so a long tail does not idle the batch. A prompt's
-  samples are admitted together when they fit, so each prompt is prefilled once.
+  refilled from the queue (continuous batching), so a long tail does not idle the batch. Free
+  slots always take the next waiting samples, even part of a prompt's n (its remaining samples
+  come in later, with a second prefill of that prompt): a cache a little short of a whole group
+  never sits half empty waiting for one.
 - Sampling: temperature (0 = greedy), top-k, top-p, as small pure functions. Randomness is one
   uniform number per (completion, step) from a counter-based hash of (seed, prompt index, sample
   index, step): a completion is the same whatever the batch, slot count or cache budget, with no
@@ -216,13 +218,11 @@ class _Run:
         self.seed, self.prompt_offset = seed, prompt_offset
 
     def admit(self):
-        """Take waiting completions into free slots, a prompt's samples together when they fit."""
+        """Take waiting completions, in order, into every free slot (part of a group if need be)."""
         batch = []  # (prompt_idx, sample indices, slots)
-        while self.queue:
+        while self.queue and self.free:
             p, samples = self.queue[0]
-            take = min(len(samples), self.cache.slots)
-            if len(self.free) < take:
-                break
+            take = min(len(samples), len(self.free))
             slots = [self.free.pop(0) for _ in range(take)]
             batch.append((p, samples[:take], slots))
             if take == len(samples):

@@ -1,10 +1,18 @@
-"""Tiny random-init HF checkpoints with an offline-built tokenizer and chat template.
+"""Test models: tiny random-init HF checkpoints, and the real SmolLM2 converted from its GGUF file.
 
 Tests, the CPU demo (`--model tiny`) and the benchmarks use these: nothing is downloaded.
 `make_tiny_checkpoint(out_dir, arch="llama")` writes a Llama-3-style model (GQA, llama3 rope
 scaling, untied head, `<|eot_id|>` turn end); `arch="qwen2"` a Qwen2-style one (q/k/v bias, tied
 embeddings, ChatML `<|im_end|>` turn end). Keyword overrides change any config.json field.
+
+`real_model()` converts ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf (a real pretrained
+Llama-architecture instruct model: GQA 9/3 heads, tied embeddings, vocab 49,152, ChatML) into a
+plain HF checkpoint once, into a cache dir, and returns its path (None when the file is absent).
 """
+import fcntl
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -96,3 +104,43 @@ def make_tiny_checkpoint(out_dir: str, arch: str = "llama", seed: int = 0, **ove
     model.generation_config = dict(bos_token_id=cfg["bos_token_id"], eos_token_id=stops)
     save_model(model, tok, out_dir)
     return out_dir
+
+
+SHARED_MODELS = Path(__file__).resolve().parent.parent / "shared" / "models"
+REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def real_model(cache_dir: str | None = None) -> str | None:
+    """The HF checkpoint dir of SmolLM2-135M-Instruct converted from ../shared/models (once; later
+    calls reuse it, concurrent ones wait for the first), or None when the GGUF file is absent."""
+    gguf = SHARED_MODELS / REAL_GGUF
+    if not gguf.exists():
+        return None
+    cache = Path(cache_dir or os.environ.get("MEDRL_CACHE", Path.home() / ".cache" / "medrl"))
+    out = cache / f"{REAL_GGUF.removesuffix('.gguf')}-{gguf.stat().st_size}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one converter at a time (pytest-xdist workers)
+        if not (out / "config.json").exists():
+            _convert_gguf(gguf, out)
+    return str(out)
+
+
+def _convert_gguf(gguf: Path, out: Path):
+    """transformers' GGUF reader dequantises the weights (and undoes llama.cpp's q/k row order);
+    save_pretrained writes a plain Llama checkpoint with the tokenizer and its chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    info = load_gguf_checkpoint(str(gguf), return_tensors=False)
+    config = LlamaConfig(**{k: v for k, v in info["config"].items() if not k.startswith("_")})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(tensors, strict=False)  # tied: no lm_head.weight of its own
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)

@@ -78,3 +78,14 @@ class ThreadRanks:
         if errors:
             raise errors[0]
         return results
+
+
+def real_model_dir():
+    """SmolLM2-135M-Instruct as an HF checkpoint (converted once from ../shared/models), or a
+    skip when ../shared is absent."""
+    import pytest
+    from tiny import real_model
+    path = real_model()
+    if path is None:
+        pytest.skip("../shared/models is absent: no real model to test")
+    return path

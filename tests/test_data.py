@@ -509,3 +509,14 @@ def test_demo_shuffled_and_registry():
     demo = load_benchmark("demo")
     assert len(demo) == 256 and demo == load_benchmark_dir("demo", "/nonexistent")
     assert demo[7].id == "demo-0007"
+
+
+def test_hub_unavailable_names_the_benchmark_and_the_local_alternative(monkeypatch):
+    def offline(hub_id, config, split):
+        raise ConnectionError(f"Couldn't reach '{hub_id}' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(OSError) as err:
+        load_benchmark("medqa_train")
+    msg = str(err.value)
+    assert "medqa_train" in msg and "GBaker/MedQA-USMLE-4-options" in msg
+    assert "--data-dir" in msg and "medqa_us_4opt_train.jsonl" in msg and "medqa_train=PATH" in msg

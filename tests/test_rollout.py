@@ -165,3 +165,14 @@ def test_bad_input(llama, kwargs, match):
     kwargs = dict(dict(max_new_tokens=8, progress=False), **kwargs)
     with pytest.raises(ValueError, match=match):
         gen(llama, **kwargs)
+
+
+def test_free_slots_take_part_of_a_group():
+    """Five slots, two prompts of four samples: the fifth slot starts the second prompt's first
+    sample at once instead of idling until four slots are free."""
+    from types import SimpleNamespace
+    run = R._Run([[1, 2], [3, 4]], 4, SimpleNamespace(slots=5), seed=0, prompt_offset=0,
+                 device="cpu")
+    assert run.admit() == [(0, [0, 1, 2, 3], [0, 1, 2, 3]), (1, [0], [4])]
+    run.free += [2, 4]
+    assert run.admit() == [(1, [1, 2], [2, 4])] and run.queue == [(1, [3])]
