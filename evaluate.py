@@ -12,9 +12,11 @@ Choices and the flag that changes each:
   sampling    greedy by default; --num-samples n at --temperature (1.0 when n > 1), --top-p, --seed.
   metrics     accuracy: mean over all samples; majority_accuracy: most common parsed letter (ties:
               the one seen first in sample order; nothing parsable = wrong); pass_at_n: any of the
-              n samples correct; bootstrap_std: std of accuracy over
-              --bootstrap resamples of questions; lenient_extra / lenient_accuracy: what LENIENT_*
-              reads where strict parsing failed, so format failures show instead of hiding.
+              n samples correct; bootstrap_std: std of accuracy over --bootstrap resamples of
+              questions; truncation_rate: completions cut at --max-new-tokens;
+              lenient_extra / lenient_accuracy: what reward.lenient_letter reads where strict
+              parsing failed (explicit declarations and option texts only, never a bare capital
+              letter), so format failures show instead of hiding.
   output      --out DIR: results.json, <benchmark>.jsonl (prompt, completions, parses), a table;
               --pass-rates adds pass_rates.jsonl (correct of n per question) for
               data.difficulty_mix.
@@ -22,7 +24,6 @@ Choices and the flag that changes each:
 import argparse
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -35,16 +36,14 @@ import rollout
 from parallel import Dist, setup_dist
 
 OPTIONAL = {"gpqa_medical"}  # gated: skipped, not fatal, when it cannot be had
-# Lenient parser: the last declared answer ("answer is: X", "answer: (X)", \boxed{X}, <answer>X),
-# else the last standalone capital letter that is an option (an upper bound: "A" may be an article).
-LENIENT_DECLARED = re.compile(
-    r"(?:(?i:answer\s*(?:is)?\s*:?)|\\boxed\{|<answer>)\s*\(?([A-Z])(?![A-Za-z])")
-LENIENT_LETTER = re.compile(r"(?<![A-Za-z0-9_\\])([A-Z])(?![A-Za-z0-9_])")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default after its help."""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint",
                    help="HF-format checkpoint: a local dir (e.g. medrl's out/step-N) or a hub id")
     # data
@@ -76,8 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--pass-rates", action="store_true",
                    help="difficulty labelling: write pass_rates.jsonl (correct of n samples per "
                         "question)")
-    p.add_argument("--out", default="runs/eval",
-                   help="output dir: results.json and one JSONL of samples per benchmark")
+    p.add_argument("--out", default=None,
+                   help="output dir: results.json and one JSONL of samples per benchmark "
+                        "(default: CHECKPOINT/eval for a local dir, runs/eval/ORG__NAME for a "
+                        "hub id)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out (else a second run is refused)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     unknown = [n for n in names if n not in data.BENCHMARKS]
@@ -85,6 +88,8 @@ def parse_args(argv=None):
         p.error(f"--benchmarks: unknown {', '.join(unknown) or 'empty list'}; "
                 f"known: {', '.join(data.BENCHMARKS)}")
     rules = [("--num-samples", args.n, args.n >= 1, ">= 1"),
+             ("--max-cache-tokens", args.max_cache_tokens, args.max_cache_tokens >= 1, ">= 1"),
+             ("--seed", args.seed, 0 <= args.seed < 2**32, "in [0, 2^32)"),
              ("--limit", args.limit, args.limit >= 0, ">= 0"),
              ("--bootstrap", args.bootstrap, args.bootstrap >= 1, ">= 1"),
              ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
@@ -98,7 +103,24 @@ def parse_args(argv=None):
     args.prompt_style = args.prompt_style or default_style
     if args.temperature is None:
         args.temperature = 0.0 if args.n == 1 else 1.0
+    if args.out is None:
+        local = os.path.isdir(args.checkpoint)
+        args.out = (os.path.join(args.checkpoint, "eval") if local
+                    else os.path.join("runs", "eval", args.checkpoint.replace("/", "__")))
     return args
+
+
+def claim_out(args):
+    """One evaluation's files per --out: a second one is refused (or, with --overwrite, the
+    first one's files are removed first), so results of two runs never mix."""
+    os.makedirs(args.out, exist_ok=True)
+    ours = [f for f in os.listdir(args.out) if f == "results.json" or f.endswith(".jsonl")]
+    if ours and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already holds results "
+                              f"({', '.join(sorted(ours))}): pass --overwrite to replace them, "
+                              f"or another --out")
+    for f in ours:
+        os.remove(os.path.join(args.out, f))
 
 
 @dataclass
@@ -128,14 +150,6 @@ def generation_fn(model, tok, sampling: rollout.Sampling, prompt_style: str, pro
     return generate_fn
 
 
-def lenient_letter(text, options):
-    """The letter a lenient parser would read (LENIENT_* above), or None."""
-    declared = [m.group(1) for m in LENIENT_DECLARED.finditer(text) if m.group(1) in options]
-    letters = declared or [m.group(1) for m in LENIENT_LETTER.finditer(text)
-                           if m.group(1) in options]
-    return letters[-1] if letters else None
-
-
 def majority_vote(letters):
     """Most common parsed letter (None = unparsable, ignored); ties go to the letter seen first."""
     counts = Counter(x for x in letters if x is not None)
@@ -150,7 +164,7 @@ def score_question(q, gen: Generation, fmt):
         samples.append(dict(completion=text, letter=info.letter, format_ok=info.format_ok,
                             correct=info.correct, reason=info.reason, tokens=ntok, finish=finish,
                             lenient_letter=(None if info.format_ok
-                                            else lenient_letter(text, q.options))))
+                                            else reward.lenient_letter(text, q.options))))
     return dict(id=q.id, benchmark=q.source, answer=q.answer, prompt=gen.prompt,
                 majority=majority_vote([s["letter"] for s in samples]), samples=samples)
 
@@ -202,6 +216,8 @@ def benchmark_questions(name, args):
             qs = data.load_benchmark_dir(name, args.data_dir)
         else:
             qs = data.load_benchmark(name)
+        if not qs:
+            raise ValueError(f"{name}: no questions in {args.data_dir or 'the hub split'}")
     except (OSError, ImportError) as e:  # no file, no network, gated (hub errors are OSErrors)
         if name not in OPTIONAL:
             raise
@@ -217,8 +233,8 @@ def write_jsonl(path, rows):
 # The stdout table: (column, results.json key, format).
 TABLE = [("questions", "questions", "{}"), ("acc", "accuracy", "{:.2%}"),
          ("±std", "bootstrap_std", "{:.2%}"), ("maj", "majority_accuracy", "{:.2%}"),
-         ("pass@n", "pass_at_n", "{:.2%}"),
-         ("fmt_fail", "format_failure_rate", "{:.2%}"), ("lenient+", "lenient_extra", "{}"),
+         ("pass@n", "pass_at_n", "{:.2%}"), ("fmt_fail", "format_failure_rate", "{:.2%}"),
+         ("trunc", "truncation_rate", "{:.2%}"), ("lenient+", "lenient_extra", "{}"),
          ("len_acc", "lenient_accuracy", "{:.2%}"), ("tokens", "mean_response_tokens", "{:.1f}")]
 
 
@@ -236,6 +252,8 @@ def main(argv=None):
     args = parse_args(argv)
     dist = setup_dist()
     log = print if dist.main else (lambda *a: None)
+    if dist.main:
+        claim_out(args)
     from transformers import AutoTokenizer
     model = M.load_model(args.checkpoint, dist.device, dist.dtype)
     tok = AutoTokenizer.from_pretrained(M.resolve(args.checkpoint))
@@ -244,7 +262,7 @@ def main(argv=None):
                                 max_cache_tokens=args.max_cache_tokens)
     generate_fn = generation_fn(model, tok, sampling, args.prompt_style, progress=dist.main)
     results, pass_rates = {}, []
-    os.makedirs(args.out, exist_ok=True)
+    log(f"writing results to {args.out}")
     for name in args.benchmarks:
         questions, reason = benchmark_questions(name, args)
         if reason is not None:
@@ -254,20 +272,31 @@ def main(argv=None):
         log(f"{name}: {len(questions)} questions x {args.n} samples")
         metrics, records = evaluate_benchmark(questions, generate_fn, args.format, dist,
                                               args.bootstrap, args.seed)
-        if dist.main:
+        if dist.main:  # each benchmark's results are on disk as soon as it is done
             results[name] = metrics
             write_jsonl(os.path.join(args.out, f"{name}.jsonl"), records)
             pass_rates += [dict(id=r["id"], n=args.n,
                                 correct=sum(s["correct"] for s in r["samples"])) for r in records]
+            write_results(args, results)
     if dist.main:
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(checkpoint=args.checkpoint, args=vars(args), benchmarks=results), f,
-                      indent=2)
+        write_results(args, results)
         if args.pass_rates:
             write_jsonl(os.path.join(args.out, "pass_rates.jsonl"), pass_rates)
         print_table(results)
+        print(f"results: {os.path.join(args.out, 'results.json')}; samples: "
+              f"{os.path.join(args.out, '<benchmark>.jsonl')}"
+              + (f"; pass rates: {os.path.join(args.out, 'pass_rates.jsonl')}"
+                 if args.pass_rates else ""))
     dist.close()
     return results
+
+
+def write_results(args, results: dict):
+    path = os.path.join(args.out, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(checkpoint=args.checkpoint, args=vars(args), benchmarks=results), f,
+                  indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

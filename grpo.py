@@ -127,7 +127,9 @@ def policy_loss(policy, mb: rl.MicroBatch, weights: torch.Tensor, args, kl_coef:
 
 def policy_metrics(steps: list[dict]) -> dict:
     """Means per token over an update's optimizer steps; the log-prob gap from the first (where
-    the weights are still the sampler's)."""
+    the weights are still the sampler's). No steps (nothing to train on): update_skipped."""
+    if not steps:
+        return dict(update_skipped=1)
     tokens = max(sum(s["tokens"] for s in steps), 1)
     means = {k: sum(s[k] for s in steps) / tokens for k in ("kl", "clip_frac", "entropy")}
     return dict(means, loss=sum(s["loss"] for s in steps) / len(steps),

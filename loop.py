@@ -1,5 +1,6 @@
-"""The outer run shared by grpo.py and ppo.py: flags, setup, data order, validation, logging,
-checkpoints and resume. The step itself is the algorithm's, in grpo.py / ppo.py:
+"""The outer run shared by grpo.py and ppo.py: flags, setup, data order, validation, logging;
+checkpoints and resume through checkpoint.py. The step itself is the algorithm's, in grpo.py /
+ppo.py:
 
     run = loop.Run(args, "grpo")          # processes, seeds, tokenizer, questions, --out
     policy = run.trainable("policy", run.model_dir, args.lr)
@@ -7,22 +8,21 @@ checkpoints and resume. The step itself is the algorithm's, in grpo.py / ppo.py:
         metrics, rollouts = train_step(step, policy, ...)
         run.end_step(step, metrics, rollouts)   # validate, log, checkpoint
 
-Checkpoints: out/step-N/ holds Hugging Face model files (the policy at the top, other trainables
-in sub-dirs; transformers, vLLM and evaluate.py read them), resume/ (sharded model and optimizer
-state, torch.distributed.checkpoint), rng-R.pt per rank, and trainer_state.json (step, LR
-schedules, the state of everything given to run.track, the flags). Each is written to
-step-N.tmp and renamed when complete; --keep-last N are kept.
+A run says what it does: the resolved flags (printed, and in --out/run_config.json), the memory
+plan, every file it writes and every checkpoint saved. Bad flags and data fail before any model
+loads; checkpoint.py's checks on --out and --resume too.
 """
 import argparse
+import atexit
 import json
 import os
 import random
-import shutil
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import data
 import evaluate
 import memory
@@ -142,6 +142,8 @@ def _run_flags(p):
         help="checkpoint every N steps and at the end (0 = never: nothing to resume from)")
     add("--keep-last", type=int, default=2, help="checkpoints kept")
     add("--resume", default=None, help="checkpoint dir to resume from, or 'auto' (latest in --out)")
+    add("--allow-flag-changes", action="store_true",
+        help="--resume with flags that change the algorithm or data order (said in the log)")
     add("--samples-every", type=int, default=10, help="write a few completions every N steps")
     add("--wandb-project", default=None, help="log to wandb (offline without WANDB_API_KEY)")
     add("--plan", action="store_true",
@@ -168,7 +170,21 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
     except ValueError as e:
         p.error(f"--reward-values {args.reward_values!r}: {e}")
     check_data_flags(p, args)
-    rules = [("--num-samples", args.n, args.n >= 1, "must be >= 1"),
+    rules = [("--steps", args.steps, args.steps >= 1, "must be >= 1"),
+             ("--num-samples", args.n, args.n >= 1, "must be >= 1"),
+             ("--lr", args.lr, args.lr > 0, "must be > 0"),
+             ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "must be >= 0"),
+             ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0, "must be >= 0"),
+             ("--grad-clip", args.grad_clip, args.grad_clip >= 0, "must be >= 0 (0 = off)"),
+             ("--micro-tokens", args.micro_tokens, args.micro_tokens >= 1, "must be >= 1"),
+             ("--max-cache-tokens", args.max_cache_tokens, args.max_cache_tokens >= 1,
+              "must be >= 1"),
+             ("--seed", args.seed, 0 <= args.seed < 2**32, "must be in [0, 2^32)"),
+             ("--val-size", args.val_size, args.val_size >= 0, "must be >= 0"),
+             ("--val-every", args.val_every, args.val_every >= 0, "must be >= 0 (0 = never)"),
+             ("--samples-every", args.samples_every, args.samples_every >= 0,
+              "must be >= 0 (0 = never)"),
+             ("--entropy-coef", args.entropy_coef, args.entropy_coef >= 0, "must be >= 0"),
              ("--temperature", args.temperature, args.temperature > 0,
               "must be > 0 (it divides the training logits)"),
              ("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1]"),
@@ -185,10 +201,15 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
               "must be between 1 and the number of completions per step"),
              ("--save-every", args.save_every, args.save_every >= 0, "must be >= 0"),
              ("--keep-last", args.keep_last, args.keep_last >= 1, "must be >= 1")]
+    check_rules(p, rules)
+    return args
+
+
+def check_rules(p: argparse.ArgumentParser, rules: list[tuple[str, object, bool, str]]):
+    """(flag, value, ok, why) rows: the first failing one is the error, naming the flag."""
     for flag, value, ok, why in rules:
         if not ok:
             p.error(f"{flag} {value}: {why}")
-    return args
 
 
 def check_data_flags(p: argparse.ArgumentParser, args):
@@ -212,26 +233,56 @@ class Run:
     """Everything a training run holds besides the algorithm: see the module docstring."""
 
     def __init__(self, args, name: str):
+        """Everything but the models, each checked before any model loads: processes, --out
+        (writable, not another live run's, resumable), seeds, tokenizer, questions, the plan."""
         self.args, self.name = args, name
         self.dist = setup_dist()
         if args.batch_prompts % self.dist.world:
             raise ValueError(f"--batch-prompts {args.batch_prompts} must be a multiple of the "
                              f"{self.dist.world} ranks")
+        self.resume_from = self.claim_out()
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         np.random.seed(args.seed)
-        from transformers import AutoTokenizer
         self.model_dir = self.local_model(args.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        M.read_config(self.model_dir)  # a bad config.json is named before anything reads it
+        self.tokenizer = load_tokenizer(self.model_dir, self.dist.main)
         self.reward_values = reward.RewardValues.parse(args.reward_values)
-        self.train, self.val = training_questions(args, self.dist)  # bad data fails before models
-        prompt_len = max(len(data.encode_prompt(self.tokenizer, q, args.prompt_style))
-                         for q in self.train[:512])  # (shuffled) a fair sample of the longest
-        if self.dist.main:
-            print_plan(args, name, M.read_config(self.model_dir), self.dist.world,
-                       self.dist.device.type == "cuda", prompt_len)
+        self.train, self.val = training_questions(args, self.dist)
         self.trainables: dict[str, Trainable] = {}
         self.tracked = {}  # name -> object with state_dict() / load_state_dict(), checkpointed
+        if self.dist.main:
+            self.describe()
+
+    def claim_out(self) -> str | None:
+        """--out is writable and this run's alone (run.lock); returns the checkpoint to resume."""
+        out, dist = self.args.out, self.dist
+        if dist.main:
+            try:
+                os.makedirs(out, exist_ok=True)
+                checkpoint.take_lock(out)
+            except PermissionError as e:
+                raise PermissionError(f"--out {out}: cannot write there ({e.strerror})") from None
+            atexit.register(checkpoint.release_lock, out)
+        dist.barrier()
+        return checkpoint.find_resume(self.args, dist.world)
+
+    def describe(self):
+        """The resolved flags (also in --out/run_config.json), the memory plan, the files."""
+        args, out = self.args, self.args.out
+        flags = vars(args)
+        print(f"{self.name} flags:\n" + "".join(f"  {checkpoint.flag(k)} {v}\n"
+                                              for k, v in sorted(flags.items())), flush=True)
+        with open(os.path.join(out, "run_config.json"), "w") as f:
+            json.dump(flags, f, indent=1)
+        prompt_len = max(len(data.encode_prompt(self.tokenizer, q, args.prompt_style))
+                         for q in self.train[:512])  # (shuffled) a fair sample of the longest
+        print_plan(args, self.name, M.read_config(self.model_dir), self.dist.world,
+                   self.dist.device.type == "cuda", prompt_len)
+        print(f"writing {os.path.join(out, 'run_config.json')}, "
+              f"{os.path.join(out, 'metrics.jsonl')}, {os.path.join(out, 'samples.jsonl')}"
+              + (f" and step-N/ checkpoints every {args.save_every} steps" if args.save_every
+                 else " (no checkpoints: --save-every 0)"), flush=True)
 
     def local_model(self, name: str) -> str:
         """A local dir for `name`: 'tiny' is written once into --out; hub ids are downloaded on
@@ -250,6 +301,8 @@ class Run:
 
     def trainable(self, name: str, path: str, lr: float, value_head: bool = False) -> Trainable:
         """A trained model (checkpointed with the run) loaded from `path`."""
+        if name != "policy":  # e.g. PPO's critic: it must read the policy's tokens
+            check_compatible(path, self.model_dir)
         self.trainables[name] = Trainable.load(name, path, lr, self.args, self.dist, value_head)
         return self.trainables[name]
 
@@ -285,11 +338,17 @@ class Run:
     def steps(self):
         """The step numbers still to run (from the checkpoint's with --resume), with a progress bar;
         the process group is closed after the last."""
-        start = resume(self)
+        start = checkpoint.restore(self.resume_from, self) if self.resume_from else 0
+        if not self.resume_from and self.args.resume and self.dist.main:
+            print(f"--resume {self.args.resume}: no checkpoint in {self.args.out}; starting at "
+                  f"step 0", flush=True)
+            checkpoint.truncate_logs(self.args.out, 0)
         self.logger = Logger(self.args, self.dist)
         self.bar = tqdm(range(start, self.args.steps), initial=start, total=self.args.steps,
                         desc=self.name, disable=not self.dist.main)
         yield from self.bar
+        if self.dist.main:
+            checkpoint.release_lock(self.args.out)
         self.dist.close()
 
     def end_step(self, step: int, metrics: dict, rollouts: list):
@@ -302,7 +361,31 @@ class Run:
         self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                              acc=f"{metrics['accuracy']:.3f}", len=f"{metrics['response_len']:.0f}")
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            save_checkpoint(self, step + 1)
+            checkpoint.save(self, step + 1)
+
+
+def load_tokenizer(model_dir: str, say: bool):
+    """The checkpoint's tokenizer; says so when it has no chat template (prompts become plain
+    "User: ... Assistant:" text) and names the dir when it has no tokenizer at all."""
+    from transformers import AutoTokenizer
+    files = os.listdir(model_dir)
+    if not any(f.startswith("tokenizer") or f in ("vocab.json", "merges.txt") for f in files):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer files (tokenizer.json, "
+                                f"tokenizer_config.json, ...): a checkpoint needs its tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if say and not getattr(tokenizer, "chat_template", None):
+        print(f"warning: {model_dir} has no chat template: prompts are plain 'User: ... "
+              f"Assistant:' text", flush=True)
+    return tokenizer
+
+
+def check_compatible(path: str, policy_dir: str):
+    """A second model (the critic) of the policy's architecture and vocabulary."""
+    mine, policy = M.read_config(path), M.read_config(policy_dir)
+    if (mine.arch, mine.vocab_size) != (policy.arch, policy.vocab_size):
+        raise ValueError(f"{path}: a {mine.arch} model with vocabulary {mine.vocab_size}, but the "
+                         f"policy is {policy.arch} with {policy.vocab_size}: the critic must read "
+                         f"the policy's tokens")
 
 
 def print_plan(args, name: str, cfg: M.ModelConfig, world: int, cuda: bool, prompt_len: int):
@@ -359,11 +442,14 @@ def training_questions(args, dist):
         names = [] if args.exclude == "none" else args.exclude.split(",")
         exclude = [read_benchmark(n, None, args.data_dir) for n in names]
         qs = data.build_train_set(list(sources.values()), exclude=exclude)
+        if not qs:
+            counts = ", ".join(f"{n}: {len(q)}" for n, q in sources.items())
+            raise ValueError(f"--data {args.data}: no training questions left after removing "
+                             f"--exclude {args.exclude} ({counts} before)")
     qs = [qs[i] for i in np.random.default_rng(args.seed).permutation(len(qs))]
     val, train = qs[:args.val_size], qs[args.val_size:]
     if len(train) < 1:
-        raise ValueError(f"--data {args.data}: no training questions left after --val-size "
-                         f"{args.val_size}")
+        raise ValueError(f"--val-size {args.val_size} holds out all {len(qs)} training questions")
     return train, val
 
 
@@ -394,7 +480,7 @@ class Logger:
     """metrics.jsonl (one JSON object per step), samples.jsonl, wandb if configured; rank 0 only."""
 
     def __init__(self, args, dist):
-        self.on = dist.main
+        self.on, self.prompt_style = dist.main, args.prompt_style
         self.wandb = None
         if self.on:
             os.makedirs(args.out, exist_ok=True)
@@ -414,103 +500,9 @@ class Logger:
         if self.wandb:
             self.wandb.log(metrics, step=step)
         for r in rollouts or []:
-            self.samples.write(json.dumps(dict(step=step, question=r.question.id, reward=r.reward,
-                                               completion=r.text)) + "\n")
+            row = dict(step=step, question=r.question.id, prompt_style=self.prompt_style,
+                       gold=r.question.answer, letter=r.info.letter, reward=r.reward,
+                       format_ok=r.info.format_ok, reason=r.info.reason,
+                       answer_leak=r.info.answer_leak, finish=r.finish_reason, completion=r.text)
+            self.samples.write(json.dumps(row) + "\n")
         self.samples.flush()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(run: Run, step: int) -> str:
-    """out/step-N/: see the module docstring. Written to step-N.tmp, renamed when complete."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_state_dict)
-    args, dist = run.args, run.dist
-    final = os.path.join(args.out, f"step-{step:06d}")
-    tmp = final + ".tmp"
-    full_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = {}
-    for name, part in run.trainables.items():
-        full = get_model_state_dict(part.module, options=full_options)
-        if dist.main:
-            where = tmp if name == "policy" else os.path.join(tmp, name)
-            M.save_model(part.module, run.tokenizer, where,
-                         state_dict={k: v.to(dist.dtype) for k, v in full.items()})
-        state[f"{name}.model"], state[f"{name}.optim"] = get_state_dict(part.module, part.opt)
-    dist.barrier()
-    dcp.save(state, checkpoint_id=os.path.join(tmp, "resume"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng-{dist.rank}.pt"))
-    if dist.main:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(dict(step=step,
-                           schedulers={n: p.sched.state_dict() for n, p in run.trainables.items()},
-                           tracked={n: obj.state_dict() for n, obj in run.tracked.items()},
-                           args=vars(args)), f, indent=1)
-    dist.barrier()
-    if dist.main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        for old in sorted(checkpoints(args.out))[:-args.keep_last]:
-            shutil.rmtree(old)
-    dist.barrier()
-    return final
-
-
-def checkpoints(out: str) -> list[str]:
-    if not os.path.isdir(out):
-        return []
-    return [os.path.join(out, n) for n in os.listdir(out)
-            if n.startswith("step-") and not n.endswith(".tmp")]
-
-
-def resume(run: Run) -> int:
-    """The first step to run: 0, or the step of the checkpoint --resume names (restored)."""
-    args = run.args
-    if not args.resume and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-        raise FileExistsError(f"--out {args.out} already holds a run: pass --resume auto to "
-                              f"continue it, or choose another --out")
-    run.dist.barrier()  # every rank has looked before rank 0's Logger creates metrics.jsonl
-    if not args.resume:
-        return 0
-    found = sorted(checkpoints(args.out)) if args.resume == "auto" else [args.resume]
-    return load_checkpoint(found[-1], run) if found else 0
-
-
-def load_checkpoint(path: str, run: Run) -> int:
-    """Restore weights, optimizers, schedules, tracked state and RNG; returns the step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if not os.path.exists(os.path.join(path, "trainer_state.json")):
-        raise FileNotFoundError(f"--resume {path}: not a checkpoint (no trainer_state.json)")
-    state = {}
-    for name, part in run.trainables.items():
-        state[f"{name}.model"], state[f"{name}.optim"] = get_state_dict(part.module, part.opt)
-    dcp.load(state, checkpoint_id=os.path.join(path, "resume"))
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        meta = json.load(f)
-    for name, part in run.trainables.items():
-        set_state_dict(part.module, part.opt, model_state_dict=state[f"{name}.model"],
-                       optim_state_dict=state[f"{name}.optim"])
-        part.sched.load_state_dict(meta["schedulers"][name])
-    for name, obj in run.tracked.items():
-        obj.load_state_dict(meta["tracked"][name])
-    rng_file = os.path.join(path, f"rng-{run.dist.rank}.pt")
-    if not os.path.exists(rng_file):
-        raise FileNotFoundError(f"{rng_file} missing: resume with the world size the run was "
-                                f"saved with")
-    set_rng_state(torch.load(rng_file, weights_only=False))
-    return meta["step"]
-
-
-def rng_state() -> dict:
-    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if s["cuda"] is not None:
-        torch.cuda.set_rng_state_all(s["cuda"])

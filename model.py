@@ -385,7 +385,11 @@ def read_state_dict(path: str) -> dict:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(path, name)))
+        file = os.path.join(path, name)
+        try:
+            state.update(load_file(file))
+        except Exception as e:  # truncated or corrupt: safetensors' own error omits the path
+            raise ValueError(f"{file}: cannot read the weights ({type(e).__name__}: {e})") from None
     return state
 
 
@@ -416,8 +420,15 @@ def read_config(name_or_path: str) -> ModelConfig:
         resolve_hub_id(name_or_path)
         from huggingface_hub import hf_hub_download
         cfg_file = _from_hub(name_or_path, lambda: hf_hub_download(name_or_path, "config.json"))
-    with open(cfg_file) as f:
-        return ModelConfig.from_hf(json.load(f), cfg_file)
+    try:
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    try:
+        return ModelConfig.from_hf(cfg, cfg_file)
+    except KeyError as e:
+        raise ValueError(f"{cfg_file}: missing {e.args[0]!r}") from None
 
 
 def build_model(name_or_path: str, value_head: bool = False, dtype=torch.float32):
@@ -444,6 +455,13 @@ def read_weights(model: CausalLM, path: str, head_new: bool) -> dict:
     return state
 
 
+def nonfinite_weights(model: CausalLM) -> list[str]:
+    """Parameters (this process's shards) holding NaN or inf: such a checkpoint would otherwise
+    only show as 100% format failures."""
+    return [name for name, p in model.named_parameters()
+            if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+
+
 def finish_loading(model: CausalLM, path: str, device):
     """What a checkpoint's tensors do not hold: the rotary table and the generation config."""
     model.inv_freq = rope_inv_freq(model.config).to(device)
@@ -464,6 +482,9 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.float32, value_head:
     tied_head = cfg.tie_word_embeddings and not cfg.value_head  # no lm_head key of its own
     model.load_state_dict(state, strict=not tied_head, assign=True)
     model.tie_weights()
+    bad = nonfinite_weights(model)
+    if bad:
+        raise ValueError(f"{path}: non-finite weights (NaN or inf) in {bad[:5]}")
     return finish_loading(model, path, device)
 
 

@@ -27,6 +27,11 @@ class Dist:
         return self.rank == 0
 
     @property
+    def grouped(self) -> bool:
+        """A process group exists (torchrun, or one GPU as a one-rank group)."""
+        return torch_dist.is_initialized()
+
+    @property
     def dtype(self) -> torch.dtype:
         """Inference and gathered weights: bf16 on CUDA, fp32 on CPU (where bf16 is slow)."""
         return torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -135,6 +140,8 @@ def load_sharded(path: str, dist: Dist, dtype: torch.dtype, value_head: bool = F
     # strict=False: a tied lm_head has no key of its own; read_weights has checked every key.
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, state, options=options)
+    if dist.sum([len(M.nonfinite_weights(model))])[0]:  # every rank raises, none waits
+        raise ValueError(f"{path}: non-finite weights (NaN or inf)")
     return M.finish_loading(model, path, dist.device)
 
 

@@ -68,7 +68,16 @@ def get_args(argv=None):
         help="adaptive KL: target per-token KL (default: fixed --kl-coef)")
     add("--kl-horizon", type=int, default=10000, help="adaptive KL: horizon in sequences")
     p.set_defaults(**MEDRLVR_DEFAULTS)
-    return loop.parse_args(p, argv, TINY_DEFAULTS)
+    args = loop.parse_args(p, argv, TINY_DEFAULTS)
+    loop.check_rules(p, [
+        ("--critic-lr", args.critic_lr, args.critic_lr > 0, "must be > 0"),
+        ("--gamma", args.gamma, 0 <= args.gamma <= 1, "must be in [0, 1]"),
+        ("--lam", args.lam, 0 <= args.lam <= 1, "must be in [0, 1]"),
+        ("--value-clip", args.value_clip, args.value_clip >= 0, "must be >= 0 (0 = off)"),
+        ("--kl-target", args.kl_target, args.kl_target is None or args.kl_target > 0,
+         "must be > 0 (or unset: a fixed --kl-coef)"),
+        ("--kl-horizon", args.kl_horizon, args.kl_horizon >= 1, "must be >= 1")])
+    return args
 
 
 # ----------------------------------------------------------------------------- the math
@@ -188,8 +197,10 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
     metrics.update(grpo.policy_metrics(rl.update(policy, rollouts, actor_loss, args, dist)))
     critic_steps = rl.update(critic, rollouts, critic_loss, args, dist)
     metrics.update(advantage_stats, kl_coef=kl_ctl.beta)  # the reward's KL, not the loss's 0
-    metrics.update(value_loss=sum(s["loss"] for s in critic_steps) / len(critic_steps),
-                   critic_grad_norm=sum(s["grad_norm"] for s in critic_steps) / len(critic_steps))
+    if critic_steps:
+        n = len(critic_steps)
+        metrics.update(value_loss=sum(s["loss"] for s in critic_steps) / n,
+                       critic_grad_norm=sum(s["grad_norm"] for s in critic_steps) / n)
     kl_ctl.update(metrics["kl"], metrics["completions"])
     t3 = time.perf_counter()
     metrics.update(time_rollout=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, step_time=t3 - t0)

@@ -210,6 +210,7 @@ class Trainable:
     module: torch.nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
+    lr: float  # the flag's: a resumed run's schedule follows it
 
     @classmethod
     def load(cls, name: str, path: str, lr: float, args, dist: Dist, value_head: bool = False):
@@ -218,7 +219,7 @@ class Trainable:
         opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=args.weight_decay)
         total = args.steps * args.ppo_epochs * args.mini_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
-        return cls(name, module, opt, schedule)
+        return cls(name, module, opt, schedule, lr)
 
 
 def lr_lambda(args, total: int):
@@ -238,12 +239,18 @@ def update(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist) 
     the loss and each statistic summed over real tokens of every rank, `tokens`, the grad norm
     and the learning rate."""
     minis = [rollouts[i::args.mini_batches] for i in range(args.mini_batches)]
-    return [optimizer_step(part, mini, loss_fn, args, dist)
-            for _ in range(args.ppo_epochs) for mini in minis]
+    steps = [optimizer_step(part, mini, loss_fn, args, dist)
+             for _ in range(args.ppo_epochs) for mini in minis]
+    return [s for s in steps if s is not None]
 
 
-def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist) -> dict:
+def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args,
+                   dist: Dist) -> dict | None:
+    """One optimizer step on `rollouts` (all ranks' together); None, with nothing changed, when no
+    rank has any (e.g. --drop-zero-var dropped every group): AdamW would still decay weights."""
     tokens, seqs = dist.sum([sum(len(r.response_ids) for r in rollouts), len(rollouts)])
+    if seqs == 0:
+        return None
     mbs = micro_batches(rollouts, args.micro_tokens, dist.device)
     sums = {"loss": 0.0, "tokens": 0.0}
     for i in range(dist.max(len(mbs))):

@@ -11,6 +11,7 @@ from conftest import ROOT, SHARED_DATA
 
 import data
 import evaluate
+import reward
 from evaluate import Generation
 from tiny import make_tiny_checkpoint
 
@@ -20,7 +21,7 @@ SCRIPT = [
     ("A", ["\\boxed{A}", "\\boxed{A}", "\\boxed{B}"]),      # right, right, wrong; majority A
     ("B", ["\\boxed{C}", "The answer is B", "\\boxed{C}"]),  # wrong, format (lenient B), wrong
     ("A", ["\\boxed{C}", "\\boxed{A}", "no idea"]),         # tie C/A: C was seen first -> wrong
-    ("D", ["garbage", "I pick D", "\\boxed{E}"]),           # all format failures; lenient D once
+    ("D", ["garbage", "I pick D", "\\boxed{E}"]),           # all format failures, none lenient
 ]
 
 
@@ -43,12 +44,13 @@ def test_metrics_match_hand_computed_values():
     assert metrics["majority_accuracy"] == pytest.approx(1 / 4)  # only q0; q2's tie goes to C
     assert metrics["pass_at_n"] == pytest.approx(2 / 4)
     assert metrics["format_failure_rate"] == pytest.approx(5 / 12)
-    assert metrics["lenient_extra"] == 2  # "The answer is B", "I pick D"
-    assert metrics["lenient_accuracy"] == pytest.approx(5 / 12)
+    assert metrics["lenient_extra"] == 1  # "The answer is B" ("I pick D" declares nothing)
+    assert metrics["lenient_accuracy"] == pytest.approx(4 / 12)
     assert metrics["mean_response_tokens"] == pytest.approx(20.0)
     assert metrics["truncation_rate"] == pytest.approx(1 / 3)
     assert [r["majority"] for r in records] == ["A", "C", "C", None]
-    assert [s["lenient_letter"] for s in records[3]["samples"]] == [None, "D", None]
+    assert [s["lenient_letter"] for s in records[1]["samples"]] == [None, "B", None]
+    assert [s["lenient_letter"] for s in records[3]["samples"]] == [None, None, None]
     # Bootstrap: recomputed with the same seed by an explicit loop, and near the analytic value.
     per_q = np.array([2 / 3, 0, 1 / 3, 0])
     rng = np.random.default_rng(0)
@@ -67,9 +69,9 @@ def test_bootstrap_std_analytic_and_degenerate():
 def test_majority_and_lenient_rules():
     assert evaluate.majority_vote(["B", None, "A", "A", "B"]) == "B"  # tie: B was seen first
     assert evaluate.majority_vote([None, None]) is None
-    assert evaluate.lenient_letter("so the answer is (C), not A", OPTIONS) == "C"
-    assert evaluate.lenient_letter("between A and B ... B", OPTIONS) == "B"
-    assert evaluate.lenient_letter("I think E", OPTIONS) is None  # "I", "E" are not options
+    assert reward.lenient_letter("so the answer is (C), not A", OPTIONS) == "C"
+    assert reward.lenient_letter("between A and B ... B", OPTIONS) is None  # no declaration
+    assert reward.lenient_letter("I think E", OPTIONS) is None  # "I", "E" are not options
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,8 @@ def test_cli_on_real_files(ckpt, tmp_path, capsys):
         assert {"completion", "letter", "correct"} <= set(records[0]["samples"][0])
     assert results["gpqa_medical"]["skipped"] and "gpqa_main.csv" in results["gpqa_medical"]["reason"]
     out = capsys.readouterr().out
-    assert "skipping gpqa_medical" in out and "medxpertqa" in out.splitlines()[-2]
+    assert "skipping gpqa_medical" in out and out.splitlines()[-2].startswith("gpqa_medical")
+    assert out.splitlines()[-1].startswith(f"results: {tmp_path / 'results.json'}")
 
 
 MEDQA_ROWS = [
@@ -175,3 +178,30 @@ def test_bad_flags_and_missing_files(ckpt, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="medqa_us_4opt_test.jsonl"):  # only GPQA is optional
         evaluate.main([ckpt, "--data-dir", str(tmp_path), "--benchmarks", "medqa,gpqa_medical",
                        "--out", str(tmp_path / "out")])
+
+
+def test_results_live_beside_their_checkpoint_and_never_mix(data_dir, tmp_path, monkeypatch):
+    ckpt = make_tiny_checkpoint(str(tmp_path / "ckpt"), "llama")
+    flags = ["--data-dir", str(data_dir), "--benchmarks", "medqa,demo", "--limit", "2",
+             "--max-new-tokens", "4"]
+    evaluate.main([ckpt, *flags])
+    out = tmp_path / "ckpt" / "eval"  # the default: beside the checkpoint
+    assert json.loads((out / "results.json").read_text())["checkpoint"] == ckpt
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate.main([ckpt, *flags])
+    # --overwrite removes the first run's files: a run on medqa alone leaves no stale demo.jsonl.
+    # It crashes on its second benchmark: the first one's results are on disk already.
+    real = evaluate.benchmark_questions
+    monkeypatch.setattr(evaluate, "benchmark_questions",
+                        lambda name, args: real(name, args) if name == "medqa" else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        evaluate.main([ckpt, *flags, "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["medqa.jsonl", "results.json"]
+    assert list(json.loads((out / "results.json").read_text())["benchmarks"]) == ["medqa"]
+
+
+def test_an_empty_benchmark_file_is_named(tmp_path):
+    (tmp_path / data.BENCHMARKS["medqa"]["file"]).write_text("")
+    args = evaluate.parse_args(["x", "--data-dir", str(tmp_path), "--benchmarks", "medqa"])
+    with pytest.raises(ValueError, match=f"medqa: no questions in {tmp_path}"):
+        evaluate.benchmark_questions("medqa", args)

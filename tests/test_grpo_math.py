@@ -216,7 +216,8 @@ def test_update_sums_to_the_global_gradient_over_ranks(tmp_path, agg):
     for d in (Dist(), Mirrored()):
         module = M.load_model(path)
         opt = torch.optim.SGD(module.parameters(), lr=1.0)
-        part = rl.Trainable("policy", module, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0))
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+        part = rl.Trainable("policy", module, opt, schedule, lr=1.0)
         rl.update(part, make_items(), functools.partial(grpo.policy_loss, module, args=args,
                                                         kl_coef=0.0), args, d)
         weights.append(torch.cat([p.detach().flatten() for p in module.parameters()]))

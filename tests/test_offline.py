@@ -83,3 +83,25 @@ def test_hub_checkpoint_brings_its_chat_template(tmp_path, monkeypatch):
 def test_missing_model_dir_is_named():
     with pytest.raises(FileNotFoundError, match="runs/nope/step-000010: no such directory"):
         M.resolve("runs/nope/step-000010")
+
+
+def test_an_exclusion_that_removes_everything_says_so(data_dir):
+    medqa_file(data_dir / "medqa_us_4opt_train.jsonl", ["Which organ pumps blood?"])
+    args = grpo.get_args(["--model", "x", "--data", "medqa_train", "--data-dir", str(data_dir),
+                          "--exclude", "medqa"])
+    with pytest.raises(ValueError, match="no training questions left after removing --exclude "
+                                         "medqa \\(medqa_train: 1 before\\)"):
+        loop.training_questions(args, Dist())
+
+
+def test_a_tokenizer_without_chat_template_is_said(tmp_path, capsys):
+    path = make_tiny_checkpoint(str(tmp_path / "m"), "llama")
+    os.remove(os.path.join(path, "chat_template.jinja"))
+    cfg = os.path.join(path, "tokenizer_config.json")
+    with open(cfg) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config.pop("chat_template", None)
+    with open(cfg, "w") as f:
+        json.dump(tokenizer_config, f)
+    loop.load_tokenizer(path, say=True)
+    assert "has no chat template: prompts are plain" in capsys.readouterr().out

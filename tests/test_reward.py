@@ -1,11 +1,13 @@
-"""reward.py: a table of crafted completions, answer-leak cases, and a never-raises property test."""
+"""reward.py: tables of crafted completions and hedges, answer-leak cases, lenient_letter, and a
+never-raises property test."""
+import time
 from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reward import ALPHAMED, FORMATS, MEDRLVR, RewardInfo, score
+from reward import ALPHAMED, FORMATS, MEDRLVR, RewardInfo, lenient_letter, score
 
 Q4 = SimpleNamespace(options={"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Alteplase"},
                      answer="B")
@@ -14,6 +16,8 @@ Q10 = SimpleNamespace(options={k: f"finding {i}" for i, k in enumerate("ABCDEFGH
 YNM = SimpleNamespace(options={"A": "yes", "B": "no", "C": "maybe"}, answer="C")
 VIT = SimpleNamespace(options={"A": "Vitamin A", "B": "Vitamin B12", "C": "A. baumannii",
                                "D": "Vitamin D"}, answer="C")
+QP = SimpleNamespace(options={"A": "Asthma", "B": "Pneumonia", "C": "Sarcoidosis", "D": "Anemia"},
+                     answer="B")
 
 TA = "think_answer"
 AI = "answer_is"
@@ -33,7 +37,7 @@ CASES = [
     (R + r"$\boxed{\text{B}}$", Q4, "boxed", ALPHAMED, 1.0, "B", True),
     (R + r"\boxed{\textbf{ B }}", Q4, "boxed", ALPHAMED, 1.0, "B", True),
     (R + r"\boxed{  heparin }", Q4, "boxed", ALPHAMED, 1.0, "B", True),  # exact option text
-    (R + r"\boxed{B) Aspirin}", Q4, "boxed", ALPHAMED, 1.0, "B", True),  # text contradicts: letter wins
+    (R + r"\boxed{B) Aspirin}", Q4, "boxed", ALPHAMED, 0.0, None, False),  # text contradicts B
     (R + r"\boxed{A}", Q4, "boxed", ALPHAMED, 0.0, "A", True),
     (R + r"\boxed{A}", Q4, "boxed", MEDRLVR, 0.0, "A", True),
     (R + r"\boxed{Warfarin}", Q4, "boxed", MEDRLVR, 0.0, "C", True),
@@ -135,11 +139,115 @@ LONG = "Heparin potentiates antithrombin III and acts within minutes, unlike the
      + "</think><answer>A</answer>", TA, False),
     ("<think>A patient on A drug regimen. " + LONG + "</think><answer>(A)</answer>", TA, False),
     ("<think>(A) is right. " + LONG + "</think><answer>A</answer>", TA, True),
+    # markdown before the letter: `*` runs still anchor "B." (the linear-time rewrite keeps this)
+    ("<think>**B.** " + LONG + "</think><answer>B</answer>", TA, True),
+    ("<think>Hm. * *\t B) first. " + LONG + "</think><answer>B</answer>", TA, True),
+    ("<think>Vitamin **B. " + LONG + "</think><answer>B</answer>", TA, True),
 ])
 def test_answer_leak(completion, fmt, leak):
     _, info = score(completion, Q4, fmt, MEDRLVR)
     assert info.format_ok
     assert info.answer_leak is leak
+
+
+# Hedges: a letter with text must be that option's text; a second letter is a second answer.
+HEDGES = [  # (completion, example, fmt, reason)
+    *[(c, QP, fmt, reason) for body, reason in [
+        ("B. C", "several answers"),
+        ("(B) (C)", "several answers"),
+        ("B: C", "several answers"),
+        ("B. or maybe C", "several answers"),
+        ("B) Anemia", "text disagrees with option B"),  # Anemia is option D
+        ("B. Asthma", "text disagrees with option B"),
+        ("B. Pneumonia or sarcoidosis", "text disagrees with option B"),
+      ] for fmt, c in [("boxed", R + r"\boxed{%s}" % body),
+                       (TA, "<think>" + R + "</think> <answer>%s</answer>" % body),
+                       (AI, R + "The answer is " + body)]],
+    (R + "The answer is B\nor C", QP, AI, "hedge after the answer"),
+    (R + "The answer is B.\nBut it could be C.", QP, AI, "hedge after the answer"),
+    (R + "The answer is B.\n\n(C) is also possible.", QP, AI, "hedge after the answer"),
+    (R + "The answer is B.\nC. Sarcoidosis fits too.", QP, AI, "hedge after the answer"),
+    (R + "The answer is **B**\n\n**D**", QP, AI, "hedge after the answer"),
+    (R + "The answer is B.\nFinal answer: option A", QP, AI, "hedge after the answer"),
+    ("<think>" + R + "</think><answer>B\nor C</answer>", QP, TA, "several answers"),
+]
+
+
+@pytest.mark.parametrize("completion,example,fmt,reason", HEDGES)
+def test_hedges_are_format_failures(completion, example, fmt, reason):
+    got, info = score(completion, example, fmt, MEDRLVR)
+    assert (got, info.letter, info.format_ok, info.reason) == (-1.0, None, False, reason)
+
+
+CLEAN = [  # (completion, example, fmt, letter): must stay accepted
+    (R + r"\boxed{B. Pneumonia}", QP, "boxed", "B"),
+    (R + r"\boxed{B. **pneumonia.**}", QP, "boxed", "B"),  # bold, case, trailing period
+    (R + r"\boxed{(B). Pneumonia}", QP, "boxed", "B"),
+    (R + r"\boxed{D) Anemia}", QP, "boxed", "D"),
+    ("<think>" + R + "</think> <answer> B </answer>", QP, TA, "B"),
+    ("<think>" + R + "</think> <answer>B:  Pneumonia.</answer>", QP, TA, "B"),
+    (R + "The answer is B.\n\nThis is because the fever and the consolidation fit pneumonia, "
+     "while asthma and anemia do not.", QP, AI, "B"),
+    (R + "The answer is B. Pneumonia\n\nOption B explains the infiltrate; (B) is the one.", QP, AI,
+     "B"),
+    (R + "The answer is B.\nA patient with anemia or sarcoidosis would look different.", QP, AI,
+     "B"),
+    (R + "The answer is C.\nI would not pick asthma.", Q10, AI, "C"),  # "I" is a pronoun here
+]
+
+
+@pytest.mark.parametrize("completion,example,fmt,letter", CLEAN)
+def test_clean_answers_stay_correct(completion, example, fmt, letter):
+    got, info = score(completion, example, fmt, MEDRLVR)
+    assert (info.letter, info.format_ok, info.reason) == (letter, True, "")
+    assert got == (1.0 if letter == example.answer else 0.0)
+
+
+@pytest.mark.parametrize("completion", [None, b"\\boxed{B}", 2, ["B"]])
+def test_non_text_is_bad_format(completion):
+    for fmt in FORMATS:
+        got, info = score(completion, Q4, fmt, MEDRLVR)
+        assert (got, info.letter, info.format_ok, info.reason) == (-1.0, None, False, "not text")
+
+
+def test_leak_check_is_linear_in_punctuation_runs():
+    # Was 9-11 s (quadratic backtracking over the `*` run); linear now takes ~0.02 s. The bound is
+    # loose on purpose: this guards against the quadratic blow-up, not a speed target.
+    start = time.perf_counter()
+    got, info = score("*" * 400_000 + r"\boxed{B}", Q4, "boxed", MEDRLVR)
+    assert time.perf_counter() - start < 1.0
+    assert (got, info.letter, info.answer_leak, info.reasoning_chars) == (1.0, "B", False, 400_000)
+
+
+LENIENT = [  # (text, example, letter lenient_letter reads)
+    ("A 39-year-old man presents with chest pain. A diagnosis is needed.", Q4, None),  # article
+    (R + "The answer is (C).", Q4, "C"),
+    (R + "...answer: B", Q4, "B"),
+    (R + "so the answer is heparin", Q4, "B"),  # option text after a declaration
+    (R + "The answer is: **Warfarin**, given long term.", Q4, "C"),
+    ("The study supports it. Final answer: yes", YNM, "A"),
+    ("The answer is No.", YNM, "B"),
+    ("Findings point to the last one. I think J", Q10, None),  # no declaration, no default
+    ("Looking at the choices, option D is correct.", Q4, "D"),
+    ("Weighing them:\nC. Warfarin", Q4, "C"),
+    ("A. Aspirin\nB. Heparin\nC. Warfarin\nD. Alteplase\nHard to say.", Q4, None),  # restated
+    ("The answer is A or B.", Q4, None),
+    ("The answer is option A or option B.", Q4, None),
+    ("The answer is B. Hmm, the answer is A or B.", Q4, None),  # the final one is ambiguous
+    ("Heparin acts within minutes; warfarin takes days.", Q4, None),  # no declaration
+    ("The answer is heparin, not warfarin.", Q4, None),  # two option texts
+    (r"First \boxed{A}, then \boxed{\textbf{C}}", Q4, "C"),  # last one wins
+    ("The answer is B. Option A is wrong because it is an antiplatelet.", Q4, "B"),  # strong wins
+    ("<answer>heparin</answer>", Q4, "B"),
+    ("The answer is E.", Q4, None),  # not an option
+    ("The answer is Bleeding.", Q4, None),  # a word, not the letter B
+    (None, Q4, None),
+]
+
+
+@pytest.mark.parametrize("text,example,letter", LENIENT)
+def test_lenient_letter(text, example, letter):
+    assert lenient_letter(text, example.options) == letter
 
 
 def test_reasoning_chars_and_info_type():
@@ -170,6 +278,7 @@ def test_never_raises(text):
             for values in (ALPHAMED, MEDRLVR):
                 reward, info = score(text, example, fmt, values)
                 assert reward in {values.correct, values.wrong, values.bad_format}
+                assert lenient_letter(text, example.options) in {None, *example.options}
                 if not info.format_ok:
                     assert reward == values.bad_format and info.letter is None
                 else:
