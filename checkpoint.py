@@ -4,7 +4,8 @@
 samples.jsonl (one row per step), run.lock (the PID of the run writing here) and step-N/:
 Hugging Face model files (the policy at the top, other trainables in sub-dirs; transformers, vLLM
 and evaluate.py read them), resume/ (sharded model and optimizer state, torch.distributed.
-checkpoint; resume.pt for a run without a process group), rng-R.pt per rank, and trainer_state.json (step, world size, LR schedules, the state
+checkpoint; resume.pt for a run without a process group), rng-R.pt per rank, and
+trainer_state.json (step, world size, LR schedules, the state
 of everything given to Run.track, the flags). A checkpoint is written to step-N.tmp and renamed
 when complete; --keep-last N are kept.
 
@@ -25,8 +26,8 @@ import torch
 import model as M
 
 # Flags that only change bookkeeping: they may differ when resuming.
-BOOKKEEPING = {"out", "steps", "save_every", "keep_last", "samples_every", "val_every", "wandb_project",
-               "resume", "allow_flag_changes", "plan", "plan_world", "plan_device",
+BOOKKEEPING = {"out", "steps", "save_every", "keep_last", "samples_every", "val_every",
+               "wandb_project", "resume", "allow_flag_changes", "plan", "plan_world", "plan_device",
                "plan_prompt_tokens"}
 
 

@@ -34,6 +34,18 @@ Algorithmic choices and the flag that changes each:
                                         divides the logits in the training log-probs)
   reward                                --format boxed --reward-values 1,0,0 (AlphaMed);
                                         Med-RLVR: --format think_answer --reward-values 1,0,-1
+Ablations (off by default; the papers' recipes stay the defaults):
+  GSPO (Zheng et al. 2025): one ratio    --policy-loss gspo | gspo-token, --gspo-clip-low 3e-4
+  exp(mean log-ratio) per completion,    --gspo-clip-high 4e-4 (the paper's). Differs from ppo only
+  clipped per sequence                   off-policy (--ppo-epochs or --mini-batches > 1); pair
+                                        with --loss-agg seq-mean-token-mean (GSPO's average)
+  sampler/trainer mismatch (TRL's        --tis-cap C: each token's policy loss times
+  truncated importance sampling)         min(pi_old / pi_sampler, C); logs mismatch_* and tis_*
+  DAPO dynamic sampling                  --dynamic-sampling --max-sampling-rounds 4: sample more
+                                        prompt groups until --batch-prompts have reward variance
+  DAPO overlong shaping / filtering      --overlong-buffer N --overlong-penalty 1; --mask-truncated
+  advantage scale by the batch's std     --adv-norm batch-std (group mean, batch std: TRL's
+                                        scale_rewards="batch")
 
 AlphaMed defaults: the paper states Llama-3.1-8B-Instruct, MedQA train + difficulty-mixed MedMCQA
 train (19,178 questions), batch 512 prompts, 300 steps, binary boxed reward, verl's GRPO. It does
@@ -55,10 +67,20 @@ import rl
 def get_args(argv=None):
     p = loop.build_parser(__doc__)
     add = p.add_argument_group("GRPO").add_argument
-    add("--adv-norm", default="std", choices=["std", "none"],
-        help="divide group-centred rewards by the group std (none = Dr. GRPO)")
+    add("--adv-norm", default="std", choices=["std", "none", "batch-std"],
+        help="divide group-centred rewards by the group std (none = Dr. GRPO; batch-std: by the "
+             "std of every reward of the step, all ranks)")
     add("--drop-zero-var", action="store_true",
         help="drop groups whose completions all got the same reward")
+    add("--policy-loss", default="ppo", choices=["ppo", "gspo", "gspo-token"],
+        help="ppo: a ratio per token; gspo: one per completion, exp(mean log-ratio), clipped at "
+             "--gspo-clip-*; gspo-token: its token-level form (only off-policy does it differ)")
+    add("--gspo-clip-low", type=float, default=3e-4, help="GSPO's ratio clip below 1 - this")
+    add("--gspo-clip-high", type=float, default=4e-4, help="GSPO's ratio clip above 1 + this")
+    add("--dynamic-sampling", action="store_true",
+        help="DAPO: sample more prompt groups until --batch-prompts of them have reward variance")
+    add("--max-sampling-rounds", type=int, default=4,
+        help="--dynamic-sampling: generation rounds per step at most (logged: sampling_rounds)")
     args = loop.parse_args(p, argv, loop.TINY_DEFAULTS)
     if args.n < 2:
         p.error(f"--num-samples {args.n}: GRPO needs >= 2 completions per prompt")
@@ -72,12 +94,33 @@ def get_args(argv=None):
 LOG_RATIO_BOUND = 20.0
 
 
-def group_advantages(rewards: torch.Tensor, norm: str = "std", eps: float = 1e-6) -> torch.Tensor:
-    """rewards (P, G) -> advantages (P, G): centred per group, divided by the group std if asked."""
+def group_advantages(rewards: torch.Tensor, norm: str = "std", eps: float = 1e-6,
+                     batch_std: float = 0.0) -> torch.Tensor:
+    """rewards (P, G) -> advantages (P, G): centred per group, divided by the group std, or the
+    batch's (`batch_std`: every rank's rewards), or nothing."""
     adv = rewards - rewards.mean(dim=1, keepdim=True)
     if norm == "std":
         adv = adv / (rewards.std(dim=1, keepdim=True) + eps)
+    elif norm == "batch-std":
+        adv = adv / (batch_std + eps)
     return adv
+
+
+def batch_std(rewards: list[float], dist) -> float:
+    """The (unbiased) std of every rank's rewards."""
+    n, total, squares = dist.sum([len(rewards), sum(rewards), sum(r * r for r in rewards)])
+    return max((squares - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
+
+
+def policy_log_ratio(lp, old, lengths: list[int], kind: str) -> torch.Tensor:
+    """Per-token log pi/pi_old the surrogate clips: ppo, a token's own; gspo, its completion's
+    mean (the gradient through that mean); gspo-token, the mean's value with the token's own
+    gradient: sg[s_i] * pi_t / sg[pi_t] in GSPO's notation."""
+    log_ratio = lp - old
+    if kind == "ppo":
+        return log_ratio
+    seq = rl.sequence_mean(log_ratio, lengths)
+    return seq if kind == "gspo" else seq.detach() + lp - lp.detach()
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
@@ -108,13 +151,20 @@ def clipped_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip=0.0):
     return loss, (loss_clip > loss_plain).float()
 
 
-def policy_loss(policy, mb: rl.MicroBatch, weights: torch.Tensor, args, kl_coef: float):
-    """One micro-batch: clipped surrogate + kl_coef * KL to the reference - entropy bonus, each
-    token weighted (rl.token_weights); and per-token statistics for the logs."""
+def policy_loss(policy, mb: rl.MicroBatch, weights: torch.Tensor, args, kl_coef: float,
+                kind: str = "ppo"):
+    """One micro-batch: clipped surrogate (per token, or GSPO's per sequence: `kind`) +
+    kl_coef * KL to the reference - entropy bonus, each token weighted (rl.token_weights); and
+    per-token statistics for the logs."""
     lp, ent = rl.logprobs(policy, mb, args.temperature, entropy=True)
     old = lp.detach() if mb.old_logprobs is None else mb.old_logprobs  # one update: ratio 1
-    pg, clipped = clipped_surrogate(lp, old, mb.advantages, args.clip_low, args.clip_high,
+    clip = (args.clip_low, args.clip_high) if kind == "ppo" else (args.gspo_clip_low,
+                                                                  args.gspo_clip_high)
+    log_ratio = policy_log_ratio(lp, old, mb.lengths, kind)
+    pg, clipped = clipped_surrogate(log_ratio, torch.zeros_like(lp), mb.advantages, *clip,
                                     args.dual_clip)
+    if args.tis_cap:  # the sampler's tokens, reweighted towards the trainer's distribution
+        pg = pg * torch.exp(old - mb.sampler_logprobs).clamp(max=args.tis_cap)
     per_token = pg - args.entropy_coef * ent
     kl = torch.zeros_like(lp)
     if kl_coef > 0:
@@ -125,54 +175,64 @@ def policy_loss(policy, mb: rl.MicroBatch, weights: torch.Tensor, args, kl_coef:
     return (per_token * weights).sum(), stats
 
 
-def policy_metrics(steps: list[dict]) -> dict:
-    """Means per token over an update's optimizer steps; the log-prob gap from the first (where
-    the weights are still the sampler's). No steps (nothing to train on): update_skipped."""
-    if not steps:
-        return dict(update_skipped=1)
-    tokens = max(sum(s["tokens"] for s in steps), 1)
-    means = {k: sum(s[k] for s in steps) / tokens for k in ("kl", "clip_frac", "entropy")}
-    return dict(means, loss=sum(s["loss"] for s in steps) / len(steps),
-                grad_norm=sum(s["grad_norm"] for s in steps) / len(steps),
-                logprob_gap=steps[0]["logprob_gap"] / max(steps[0]["tokens"], 1),
-                lr=steps[-1]["lr"])
-
-
 # ----------------------------------------------------------------------------- the step
 
-def set_group_advantages(rollouts: list[rl.Rollout], norm: str) -> set[int]:
+def set_group_advantages(rollouts: list[rl.Rollout], norm: str, dist) -> set[int]:
     """Each completion's advantage from its group, on every response token; returns the groups
     whose completions all got the same reward (no signal)."""
     groups = sorted({r.group for r in rollouts})
     members = [[r for r in rollouts if r.group == g] for g in groups]
     rewards = torch.tensor([[r.reward for r in m] for m in members])  # (P, G)
-    for m, row in zip(members, group_advantages(rewards, norm).tolist()):
+    scale = batch_std([r.reward for r in rollouts], dist) if norm == "batch-std" else 0.0
+    for m, row in zip(members, group_advantages(rewards, norm, batch_std=scale).tolist()):
         for r, a in zip(m, row):
             r.advantages = torch.full((len(r.response_ids),), a)
     return {g for g, row in zip(groups, rewards) if row.max() == row.min()}
 
 
+def sample_groups(step: int, policy: rl.Trainable, run: loop.Run):
+    """(every rollout sampled, those to train on, the dead groups: one reward value, rounds).
+    --dynamic-sampling: further rounds of new prompts (another order of the questions) until
+    --batch-prompts groups with signal are kept, at most --max-sampling-rounds; the decision is
+    global, so every rank makes the same rounds."""
+    args, dist = run.args, run.dist
+    sampled, kept, dead = [], [], set()
+    for r in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
+        if r == 0:
+            questions, first_group = run.questions(step)
+        else:  # groups numbered after the previous rounds'; their own random streams
+            extra = step * (args.max_sampling_rounds - 1) + r - 1
+            questions, first_group = run.questions(extra, stream=1)
+            first_group += r * args.batch_prompts
+        new = rl.collect(policy.module, run.tokenizer, questions, first_group,
+                         run.sampling(step), args, run.reward_values, dist)
+        dead |= set_group_advantages(new, args.adv_norm, dist)
+        sampled += new
+        kept += [x for x in new if not (args.dynamic_sampling and x.group in dead)]
+        if dist.sum([len({x.group for x in kept})])[0] >= args.batch_prompts:
+            break
+    return sampled, kept, dead, r + 1
+
+
 def train_step(step: int, policy: rl.Trainable, ref, run: loop.Run) -> tuple[dict, list]:
     args, dist, t0 = run.args, run.dist, time.perf_counter()
-    questions, first_group = run.questions(step)
-    rollouts = rl.collect(policy.module, run.tokenizer, questions, first_group, run.sampling(step),
-                          args, run.reward_values, dist)
-    dead = set_group_advantages(rollouts, args.adv_norm)
-    metrics = rl.rollout_metrics(rollouts, dist)
-    batch = [r for r in rollouts if not (args.drop_zero_var and r.group in dead)]
+    rollouts, kept, dead, rounds = sample_groups(step, policy, run)
+    metrics = dict(rl.rollout_metrics(rollouts, dist), sampling_rounds=rounds)
+    batch = [r for r in rl.in_loss(kept, args) if not (args.drop_zero_var and r.group in dead)]
     t1 = time.perf_counter()
     if ref is not None:
         for r, lp in zip(batch, rl.score(ref, batch, args, dist)):
             r.ref_logprobs = lp
     t2 = time.perf_counter()
-    if args.ppo_epochs * args.mini_batches > 1:  # the batch is reused: ratios need old log-probs
+    if args.ppo_epochs * args.mini_batches > 1 or args.tis_cap:  # ratios need old log-probs
         for r, lp in zip(batch, rl.score(policy.module, batch, args, dist)):
             r.old_logprobs = lp
+        metrics.update(rl.mismatch_metrics(batch, args.tis_cap, dist))
     t3 = time.perf_counter()
 
     def loss_fn(mb, weights):  # a reference is loaded exactly when --kl-coef > 0
-        return policy_loss(policy.module, mb, weights, args, args.kl_coef)
-    metrics.update(policy_metrics(rl.update(policy, batch, loss_fn, args, dist)))
+        return policy_loss(policy.module, mb, weights, args, args.kl_coef, args.policy_loss)
+    metrics.update(rl.policy_metrics(rl.update(policy, batch, loss_fn, args, dist)))
     t4 = time.perf_counter()
     metrics.update(time_rollout=t1 - t0, time_reference=t2 - t1, time_old=t3 - t2,
                    time_update=t4 - t3, step_time=t4 - t0,

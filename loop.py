@@ -113,6 +113,16 @@ def _objective_flags(p):
         "seq-mean-token-sum"],
         help="how per-token losses are averaged")
     add("--entropy-coef", type=float, default=0.0, help="entropy bonus coefficient")
+    add("--tis-cap", type=float, default=0.0,
+        help="truncated importance sampling against the sampler/trainer mismatch: weight each "
+             "token's policy loss by min(pi_old / pi_sampler, C) (0 = off; TRL's cap is 2)")
+    add("--overlong-buffer", type=int, default=0,
+        help="DAPO's soft overlong penalty: over the last N tokens before --max-new-tokens the "
+             "reward falls linearly by up to --overlong-penalty (0 = off; DAPO: 4096 of 20480)")
+    add("--overlong-penalty", type=float, default=1.0, help="the penalty at --max-new-tokens")
+    add("--mask-truncated", action="store_true",
+        help="DAPO's overlong filtering: completions cut at --max-new-tokens get no loss (they "
+             "still count in their group's advantages)")
 
 
 def _optimisation_flags(p):
@@ -185,6 +195,11 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
              ("--samples-every", args.samples_every, args.samples_every >= 0,
               "must be >= 0 (0 = never)"),
              ("--entropy-coef", args.entropy_coef, args.entropy_coef >= 0, "must be >= 0"),
+             ("--tis-cap", args.tis_cap, args.tis_cap == 0 or args.tis_cap >= 1,
+              "must be 0 (off) or >= 1"),
+             ("--overlong-buffer", args.overlong_buffer,
+              0 <= args.overlong_buffer <= args.max_new_tokens,
+              "must be between 0 and --max-new-tokens"),
              ("--temperature", args.temperature, args.temperature > 0,
               "must be > 0 (it divides the training logits)"),
              ("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1]"),
@@ -314,15 +329,17 @@ class Run:
         """Checkpoint obj.state_dict() with the run and restore it on resume."""
         self.tracked[name] = obj
 
-    def questions(self, step: int) -> tuple[list[data.Question], int]:
+    def questions(self, step: int, stream: int = 0) -> tuple[list[data.Question], int]:
         """This rank's prompts for a step and the global index of the first: a seeded permutation
-        per epoch, read in order (the data position is a function of the step), split evenly."""
+        per epoch, read in order (the data position is a function of the step), split evenly.
+        stream > 0: batch `step` of another order of the questions (extra sampling rounds)."""
         args, per_rank = self.args, self.args.batch_prompts // self.dist.world
         first = step * args.batch_prompts + self.dist.rank * per_rank
         out = []
         for g in range(first, first + per_rank):
             epoch, i = divmod(g, len(self.train))
-            order = np.random.default_rng([args.seed, epoch]).permutation(len(self.train))
+            key = [args.seed, epoch] + ([stream] if stream else [])
+            order = np.random.default_rng(key).permutation(len(self.train))
             q = self.train[order[i]]
             if args.shuffle_options:
                 q = data.shuffle_options(q, random.Random(args.seed * 1_000_003 + g))

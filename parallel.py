@@ -49,6 +49,12 @@ class Dist:
             torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
         return int(t.item())
 
+    def maximum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return t.item()
+
     def gather(self, obj) -> list | None:
         """Every rank's `obj` on rank 0, in rank order (None elsewhere)."""
         if self.world == 1:

@@ -181,9 +181,10 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
     if ref is not None:
         for r, lp in zip(rollouts, rl.score(ref, rollouts, args, dist)):
             r.ref_logprobs = lp
-    if ref is not None or args.ppo_epochs * args.mini_batches > 1:  # the KL's policy side
+    if ref is not None or args.ppo_epochs * args.mini_batches > 1 or args.tis_cap:
         for r, lp in zip(rollouts, rl.score(policy.module, rollouts, args, dist)):
-            r.old_logprobs = lp
+            r.old_logprobs = lp  # the training forward's: the KL's policy side, the old ratios
+        metrics.update(rl.mismatch_metrics(rollouts, args.tis_cap, dist))
     for r, v in zip(rollouts, rl.score(critic.module, rollouts, args, dist)):
         r.values = v
     advantage_stats = set_advantages(rollouts, kl_ctl.beta, args, dist)
@@ -194,8 +195,9 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
 
     def critic_loss(mb, weights):
         return value_loss(critic.module, mb, weights, args)
-    metrics.update(grpo.policy_metrics(rl.update(policy, rollouts, actor_loss, args, dist)))
-    critic_steps = rl.update(critic, rollouts, critic_loss, args, dist)
+    batch = rl.in_loss(rollouts, args)
+    metrics.update(rl.policy_metrics(rl.update(policy, batch, actor_loss, args, dist)))
+    critic_steps = rl.update(critic, batch, critic_loss, args, dist)
     metrics.update(advantage_stats, kl_coef=kl_ctl.beta)  # the reward's KL, not the loss's 0
     if critic_steps:
         n = len(critic_steps)

@@ -61,9 +61,40 @@ def collect(policy, tok, questions, first_group: int, sampling: rollout.Sampling
         q = questions[s.prompt_idx]
         text = tok.decode(s.response_ids, skip_special_tokens=True)
         r, info = reward.score(text, q, args.format, reward_values)
+        r += overlong_penalty(len(s.response_ids), sampling.max_new_tokens, args.overlong_buffer,
+                              args.overlong_penalty)
         rollouts.append(Rollout(q, first_group + s.prompt_idx, s.prompt_ids, s.response_ids,
                                 torch.tensor(s.logprobs), s.finish_reason, text, r, info))
     return rollouts
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer tokens, then falling linearly to
+    -penalty at max_len (buffer 0: off)."""
+    if buffer <= 0 or length <= max_len - buffer:
+        return 0.0
+    return -penalty * (length - (max_len - buffer)) / buffer
+
+
+def in_loss(rollouts: list[Rollout], args) -> list[Rollout]:
+    """The rollouts the loss sees: all, or (--mask-truncated) those not cut at the length cap."""
+    return [r for r in rollouts if not (args.mask_truncated and r.finish_reason == "length")]
+
+
+def mismatch_metrics(rollouts: list[Rollout], cap: float, dist: Dist) -> dict:
+    """Sampler vs trainer log-probs on the same weights (needs .old_logprobs): mean and max
+    |log-ratio|, and the truncated importance weights min(pi_old / pi_sampler, cap): the share
+    capped and their effective sample size (sum w)^2 / (n sum w^2), in (0, 1]."""
+    gaps = [r.old_logprobs - r.sampler_logprobs for r in rollouts]
+    w = [torch.exp(g).clamp(max=cap) if cap else torch.exp(g) for g in gaps]
+    sums = dist.sum([sum(len(g) for g in gaps), sum(g.abs().sum().item() for g in gaps),
+                     sum(x.sum().item() for x in w), sum((x ** 2).sum().item() for x in w),
+                     sum((torch.exp(g) > cap).sum().item() if cap else 0 for g in gaps)])
+    n = max(sums[0], 1)
+    largest = dist.maximum(max((g.abs().max().item() for g in gaps if len(g)), default=0.0))
+    ess = min(sums[2] ** 2 / (n * sums[3]), 1.0) if sums[3] > 0 else 1.0  # <= 1 but for rounding
+    return dict(mismatch_mean_abs=sums[1] / n, mismatch_max_abs=largest,
+                tis_capped_frac=sums[4] / n, tis_ess=ess)
 
 
 def rollout_metrics(rollouts: list[Rollout], dist: Dist) -> dict:
@@ -149,6 +180,14 @@ def pack(rollouts: list[Rollout], device) -> MicroBatch:
         ref_logprobs=_cat([r.ref_logprobs for r in rollouts], device),
         values=_cat([r.values for r in rollouts], device),
         returns=_cat([r.returns for r in rollouts], device))
+
+
+def sequence_mean(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """x (R,) per token -> (R,): every token holds the mean of its sequence's."""
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=x.device),
+                                  torch.tensor(lengths, device=x.device))  # (R,) sequence index
+    sums = torch.zeros(len(lengths), dtype=x.dtype, device=x.device).index_add(0, seq, x)
+    return (sums / torch.tensor(lengths, dtype=x.dtype, device=x.device))[seq]
 
 
 def dummy_batch(device) -> MicroBatch:
@@ -276,3 +315,16 @@ def clip_grads(module, max_norm: float) -> float:
     limit = max_norm if max_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), limit)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def policy_metrics(steps: list[dict]) -> dict:
+    """Means per token over an update's optimizer steps; the log-prob gap from the first (where
+    the weights are still the sampler's). No steps (nothing to train on): update_skipped."""
+    if not steps:
+        return dict(update_skipped=1)
+    tokens = max(sum(s["tokens"] for s in steps), 1)
+    means = {k: sum(s[k] for s in steps) / tokens for k in ("kl", "clip_frac", "entropy")}
+    return dict(means, loss=sum(s["loss"] for s in steps) / len(steps),
+                grad_norm=sum(s["grad_norm"] for s in steps) / len(steps),
+                logprob_gap=steps[0]["logprob_gap"] / max(steps[0]["tokens"], 1),
+                lr=steps[-1]["lr"])
