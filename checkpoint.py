@@ -27,7 +27,8 @@ import model as M
 
 # Flags that only change bookkeeping: they may differ when resuming.
 BOOKKEEPING = {"out", "steps", "save_every", "keep_last", "samples_every", "val_every",
-               "wandb_project", "resume", "allow_flag_changes", "plan", "plan_world", "plan_device",
+               "wandb_project", "resume", "allow_flag_changes", "threads", "plan", "plan_world",
+               "plan_device",
                "plan_prompt_tokens"}
 
 

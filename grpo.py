@@ -34,38 +34,33 @@ Algorithmic choices and the flag that changes each:
                                         divides the logits in the training log-probs)
   reward                                --format boxed --reward-values 1,0,0 (AlphaMed);
                                         Med-RLVR: --format think_answer --reward-values 1,0,-1
-Ablations (off by default; the papers' recipes stay the defaults):
-  GSPO (Zheng et al. 2025): one ratio    --policy-loss gspo | gspo-token, --gspo-clip-low 3e-4
-  exp(mean log-ratio) per completion,    --gspo-clip-high 4e-4 (the paper's). Differs from ppo only
-  clipped per sequence                   off-policy (--ppo-epochs or --mini-batches > 1); pair
-                                        with --loss-agg seq-mean-token-mean (GSPO's average)
-  sampler/trainer mismatch (TRL's        --tis-cap C: each token's policy loss times
-  truncated importance sampling)         min(pi_old / pi_sampler, C); logs mismatch_* and tis_*
-  DAPO dynamic sampling                  --dynamic-sampling --max-sampling-rounds 4: sample more
-                                        prompt groups until --batch-prompts have reward variance
-  DAPO overlong shaping / filtering      --overlong-buffer N --overlong-penalty 1; --mask-truncated
-  advantage scale by the batch's std     --adv-norm batch-std (group mean, batch std: TRL's
-                                        scale_rewards="batch")
+Ablations (off by default; README "Ablations"):
+  GSPO (Zheng et al. 2025)              --policy-loss gspo | gspo-token, --gspo-clip-low 3e-4
+                                        --gspo-clip-high 4e-4 (they differ from ppo off-policy only)
+  truncated IS, sampler/trainer (TRL)   --tis-cap 2
+  DAPO                                  --dynamic-sampling, --overlong-buffer, --mask-truncated
+  batch-std advantages (TRL)            --adv-norm batch-std
 
 AlphaMed defaults: the paper states Llama-3.1-8B-Instruct, MedQA train + difficulty-mixed MedMCQA
 train (19,178 questions), batch 512 prompts, 300 steps, binary boxed reward, verl's GRPO. It does
 not state G, lr, KL, clip, temperature or length. We use verl's defaults and GRPO example scripts
 for lr 1e-6, KL in the loss with k3 ("low_var_kl") at 0.001, clip 0.2 and temperature 1.0; G = 8
 is TRL's default number of generations (verl's GRPO example scripts use 5); 2048 new tokens
-(ample for MCQA reasoning). Activation checkpointing is on (--no-grad-ckpt turns it off).
-
-Memory arithmetic for the default recipe on 8 x 80 GB: README.md, "Memory".
+(ample for MCQA reasoning). Activation checkpointing is on (--no-grad-ckpt turns it off). Memory
+per phase for 8 x 80 GB: `--plan` (README, "Memory").
 """
 import time
 
 import torch
 
+import flags
 import loop
+import memory
 import rl
 
 
 def get_args(argv=None):
-    p = loop.build_parser(__doc__)
+    p = flags.build_parser(__doc__)
     add = p.add_argument_group("GRPO").add_argument
     add("--adv-norm", default="std", choices=["std", "none", "batch-std"],
         help="divide group-centred rewards by the group std (none = Dr. GRPO; batch-std: by the "
@@ -81,7 +76,7 @@ def get_args(argv=None):
         help="DAPO: sample more prompt groups until --batch-prompts of them have reward variance")
     add("--max-sampling-rounds", type=int, default=4,
         help="--dynamic-sampling: generation rounds per step at most (logged: sampling_rounds)")
-    args = loop.parse_args(p, argv, loop.TINY_DEFAULTS)
+    args = flags.parse_args(p, argv, flags.TINY_DEFAULTS)
     if args.n < 2:
         p.error(f"--num-samples {args.n}: GRPO needs >= 2 completions per prompt")
     return args
@@ -190,22 +185,18 @@ def set_group_advantages(rollouts: list[rl.Rollout], norm: str, dist) -> set[int
     return {g for g, row in zip(groups, rewards) if row.max() == row.min()}
 
 
-def sample_groups(step: int, policy: rl.Trainable, run: loop.Run):
+def sample_groups(step: int, policy: rl.Trainable, run: loop.Run, times: dict):
     """(every rollout sampled, those to train on, the dead groups: one reward value, rounds).
     --dynamic-sampling: further rounds of new prompts (another order of the questions) until
     --batch-prompts groups with signal are kept, at most --max-sampling-rounds; the decision is
     global, so every rank makes the same rounds."""
     args, dist = run.args, run.dist
     sampled, kept, dead = [], [], set()
-    for r in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
-        if r == 0:
-            questions, first_group = run.questions(step)
-        else:  # groups numbered after the previous rounds'; their own random streams
-            extra = step * (args.max_sampling_rounds - 1) + r - 1
-            questions, first_group = run.questions(extra, stream=1)
-            first_group += r * args.batch_prompts
+    rounds = args.max_sampling_rounds if args.dynamic_sampling else 1
+    for r in range(rounds):
+        questions, first_group = run.questions(step, r, rounds)
         new = rl.collect(policy.module, run.tokenizer, questions, first_group,
-                         run.sampling(step), args, run.reward_values, dist)
+                         run.sampling(step), args, run.reward_values, dist, times)
         dead |= set_group_advantages(new, args.adv_norm, dist)
         sampled += new
         kept += [x for x in new if not (args.dynamic_sampling and x.group in dead)]
@@ -216,8 +207,9 @@ def sample_groups(step: int, policy: rl.Trainable, run: loop.Run):
 
 def train_step(step: int, policy: rl.Trainable, ref, run: loop.Run) -> tuple[dict, list]:
     args, dist, t0 = run.args, run.dist, time.perf_counter()
-    rollouts, kept, dead, rounds = sample_groups(step, policy, run)
-    metrics = dict(rl.rollout_metrics(rollouts, dist), sampling_rounds=rounds)
+    times = {}  # time_generate, time_reward
+    rollouts, kept, dead, rounds = sample_groups(step, policy, run, times)
+    metrics = dict(rl.rollout_metrics(rollouts, dist), sampling_rounds=rounds, **times)
     batch = [r for r in rl.in_loss(kept, args) if not (args.drop_zero_var and r.group in dead)]
     t1 = time.perf_counter()
     if ref is not None:
@@ -232,7 +224,11 @@ def train_step(step: int, policy: rl.Trainable, ref, run: loop.Run) -> tuple[dic
 
     def loss_fn(mb, weights):  # a reference is loaded exactly when --kl-coef > 0
         return policy_loss(policy.module, mb, weights, args, args.kl_coef, args.policy_loss)
-    metrics.update(rl.policy_metrics(rl.update(policy, batch, loss_fn, args, dist)))
+
+    def needs_forward(r):  # a zero advantage changes the loss only through KL or entropy terms
+        return bool(r.advantages.any()) or args.kl_coef > 0 or args.entropy_coef > 0
+    steps = rl.update(policy, batch, loss_fn, args, dist, needs_forward)
+    metrics.update(rl.policy_metrics(steps))
     t4 = time.perf_counter()
     metrics.update(time_rollout=t1 - t0, time_reference=t2 - t1, time_old=t3 - t2,
                    time_update=t4 - t3, step_time=t4 - t0,
@@ -243,7 +239,7 @@ def train_step(step: int, policy: rl.Trainable, ref, run: loop.Run) -> tuple[dic
 def main(argv=None):
     args = get_args(argv)
     if args.plan:
-        return loop.plan_only(args, "grpo")
+        return memory.plan_only(args, "grpo")
     run = loop.Run(args, "grpo")
     policy = run.trainable("policy", run.model_dir, args.lr)
     ref = run.reference() if args.kl_coef > 0 else None  # KL 0: no reference model at all

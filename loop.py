@@ -1,6 +1,6 @@
-"""The outer run shared by grpo.py and ppo.py: flags, setup, data order, validation, logging;
-checkpoints and resume through checkpoint.py. The step itself is the algorithm's, in grpo.py /
-ppo.py:
+"""The outer run shared by grpo.py and ppo.py: setup, data order, validation, logging; its flags
+are in flags.py, checkpoints and resume in checkpoint.py. The step itself is the algorithm's, in
+grpo.py / ppo.py:
 
     run = loop.Run(args, "grpo")          # processes, seeds, tokenizer, questions, --out
     policy = run.trainable("policy", run.model_dir, args.lr)
@@ -12,7 +12,6 @@ A run says what it does: the resolved flags (printed, and in --out/run_config.js
 plan, every file it writes and every checkpoint saved. Bad flags and data fail before any model
 loads; checkpoint.py's checks on --out and --resume too.
 """
-import argparse
 import atexit
 import json
 import os
@@ -32,216 +31,6 @@ import rollout
 from parallel import Gathered, load_sharded, setup_dist
 from rl import Trainable
 
-# `--model tiny` (the CPU demo) starts from these defaults instead; flags given still win, and
-# `--model tiny --help` shows them.
-TINY_DEFAULTS = dict(data="demo", batch_prompts=16, n=16, max_new_tokens=8, lr=1e-3,
-                     warmup_steps=0, kl_coef=0.0, steps=200, micro_tokens=4096, save_every=50,
-                     samples_every=10, grad_ckpt=False)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default after its help."""
-
-
-def build_parser(doc: str) -> argparse.ArgumentParser:
-    """The flags both trainers take, in --help sections; each entry script adds its own."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
-    for add_flags in (_data_flags, _rollout_flags, _objective_flags, _optimisation_flags,
-                      _run_flags):
-        add_flags(p)
-    return p
-
-
-def _data_flags(p):
-    add = p.add_argument_group("model and data").add_argument
-    add("--model", default="meta-llama/Llama-3.1-8B-Instruct",
-        help="HF id, local dir, or 'tiny' (random-init, CPU demo)")
-    add("--data", default="medqa_train,medmcqa_train",
-        help="comma-separated data.py names (or 'demo'); NAME=PATH reads a local raw file")
-    add("--data-dir", default=None,
-        help="folder of raw benchmark files laid out as ../shared/data: every name in --data and "
-             "--exclude is read from it, not from the hub (offline training)")
-    add("--exclude", default="medqa,medmcqa",
-        help="benchmarks whose questions are removed from training (default: the MedQA test and "
-             "MedMCQA dev sets the recipe evaluates on); 'none' keeps everything")
-    add("--pass-rates", default=None,
-        help="JSONL of per-question pass rates (evaluate.py --pass-rates) for the difficulty mix")
-    add("--mix", default="easy:3000,medium:3000,hard:3000",
-        help="difficulty mix drawn from --mix-source when --pass-rates is given")
-    add("--mix-source", default="medmcqa_train",
-        help="which --data source the difficulty mix subsamples")
-    add("--mix-size", type=int, default=9000,
-        help="without --pass-rates: a uniform random subset of --mix-source of this size (0 = all)")
-    add("--prompt-style", default="alphamed", choices=["alphamed", "medrlvr"],
-        help="prompt template (data.build_messages)")
-    add("--shuffle-options", action="store_true",
-        help="shuffle answer options each time a question is used")
-    add("--val-size", type=int, default=0,
-        help="hold out this many training questions for greedy validation")
-    add("--val-every", type=int, default=0, help="validate every N steps (0 = never)")
-
-
-def _rollout_flags(p):
-    add = p.add_argument_group("rollout").add_argument
-    add("--batch-prompts", type=int, default=512, help="prompts per step, all ranks together")
-    add("--num-samples", "--group-size", dest="n", type=int, default=8,
-        help="n: completions sampled per prompt (GRPO's group size G)")
-    add("--max-new-tokens", type=int, default=2048, help="completion length cap")
-    add("--temperature", type=float, default=1.0,
-        help="sampling temperature, also used in training log-probs")
-    add("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
-    add("--max-cache-tokens", type=int, default=262144,
-        help="KV-cache budget per rank, in tokens: it holds budget / (longest prompt + "
-             "--max-new-tokens) sequences at once (fewer: more decode rounds, the same samples)")
-
-
-def _objective_flags(p):
-    add = p.add_argument_group("objective").add_argument
-    add("--format", default="boxed", choices=reward.FORMATS, help="answer format the reward parses")
-    add("--reward-values", default="1,0,0",
-        help="reward for correct,wrong,bad-format (Med-RLVR: 1,0,-1)")
-    add("--clip-low", type=float, default=0.2, help="ratio clip below 1 - clip_low")
-    add("--clip-high", type=float, default=0.2,
-        help="ratio clip above 1 + clip_high (clip-higher: > clip_low)")
-    add("--dual-clip", type=float, default=0.0,
-        help="dual-clip constant c > 1 for negative advantages (0 = off)")
-    add("--kl-coef", type=float, default=0.001,
-        help="per-token KL penalty to the reference (GRPO: in the loss; PPO: in the reward; 0 = no"
-             " reference model)")
-    add("--kl-estimator", default="k3", choices=["k1", "k2", "k3"], help="KL estimator")
-    add("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean",
-        "seq-mean-token-sum"],
-        help="how per-token losses are averaged")
-    add("--entropy-coef", type=float, default=0.0, help="entropy bonus coefficient")
-    add("--tis-cap", type=float, default=0.0,
-        help="truncated importance sampling against the sampler/trainer mismatch: weight each "
-             "token's policy loss by min(pi_old / pi_sampler, C) (0 = off; TRL's cap is 2)")
-    add("--overlong-buffer", type=int, default=0,
-        help="DAPO's soft overlong penalty: over the last N tokens before --max-new-tokens the "
-             "reward falls linearly by up to --overlong-penalty (0 = off; DAPO: 4096 of 20480)")
-    add("--overlong-penalty", type=float, default=1.0, help="the penalty at --max-new-tokens")
-    add("--mask-truncated", action="store_true",
-        help="DAPO's overlong filtering: completions cut at --max-new-tokens get no loss (they "
-             "still count in their group's advantages)")
-
-
-def _optimisation_flags(p):
-    add = p.add_argument_group("optimisation").add_argument
-    add("--steps", type=int, default=300, help="training steps (rollout batches)")
-    add("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
-    add("--mini-batches", type=int, default=1, help="optimizer steps per pass")
-    add("--lr", type=float, default=1e-6, help="AdamW learning rate")
-    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    add("--warmup-steps", type=int, default=10, help="linear warmup, in optimizer steps")
-    add("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after warmup")
-    add("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
-    add("--micro-tokens", type=int, default=None,
-        help="token budget of one packed training micro-batch (default: 16384 on CUDA; 2048 on "
-             "CPU, where a real model's activations cost ~0.1-1.4 MB per token: the run's memory "
-             "plan shows it)")
-    add("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
-        help="activation checkpointing per block (an 8B update at --micro-tokens 16384 keeps ~4 GB "
-             "of activations with it, ~106 GB without: bench/activations.py)")
-
-
-def _run_flags(p):
-    add = p.add_argument_group("run").add_argument
-    add("--out", default="runs/grpo", help="output dir: checkpoints, metrics.jsonl, samples.jsonl")
-    add("--seed", type=int, default=0, help="one seed for data order, sampling and init")
-    add("--save-every", type=int, default=50,
-        help="checkpoint every N steps and at the end (0 = never: nothing to resume from)")
-    add("--keep-last", type=int, default=2, help="checkpoints kept")
-    add("--resume", default=None, help="checkpoint dir to resume from, or 'auto' (latest in --out)")
-    add("--allow-flag-changes", action="store_true",
-        help="--resume with flags that change the algorithm or data order (said in the log)")
-    add("--samples-every", type=int, default=10, help="write a few completions every N steps")
-    add("--wandb-project", default=None, help="log to wandb (offline without WANDB_API_KEY)")
-    add("--plan", action="store_true",
-        help="print the per-phase memory plan for these flags and exit (reads only the model's "
-             "config.json); every run prints its own plan at start")
-    add("--plan-world", type=int, default=None, help="--plan: ranks (default: this launch's)")
-    add("--plan-device", choices=["cuda", "cpu"], default=None,
-        help="--plan: the device planned for (default: this machine's)")
-    add("--plan-prompt-tokens", type=int, default=512,
-        help="--plan: the longest prompt (a run measures its own)")
-
-def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
-    """Parse, with `tiny_defaults` when --model tiny is given; one clear error naming the flag."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model")
-    if pre.parse_known_args(argv)[0].model == "tiny":  # before the real parse: --help shows them
-        p.set_defaults(**tiny_defaults)
-    args = p.parse_args(argv)
-    if args.micro_tokens is None:  # the device the run (or --plan) is for
-        device = args.plan_device or ("cuda" if torch.cuda.is_available() else "cpu")
-        args.micro_tokens = 16384 if device == "cuda" else 2048
-    try:
-        reward.RewardValues.parse(args.reward_values)
-    except ValueError as e:
-        p.error(f"--reward-values {args.reward_values!r}: {e}")
-    check_data_flags(p, args)
-    rules = [("--steps", args.steps, args.steps >= 1, "must be >= 1"),
-             ("--num-samples", args.n, args.n >= 1, "must be >= 1"),
-             ("--lr", args.lr, args.lr > 0, "must be > 0"),
-             ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "must be >= 0"),
-             ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0, "must be >= 0"),
-             ("--grad-clip", args.grad_clip, args.grad_clip >= 0, "must be >= 0 (0 = off)"),
-             ("--micro-tokens", args.micro_tokens, args.micro_tokens >= 1, "must be >= 1"),
-             ("--max-cache-tokens", args.max_cache_tokens, args.max_cache_tokens >= 1,
-              "must be >= 1"),
-             ("--seed", args.seed, 0 <= args.seed < 2**32, "must be in [0, 2^32)"),
-             ("--val-size", args.val_size, args.val_size >= 0, "must be >= 0"),
-             ("--val-every", args.val_every, args.val_every >= 0, "must be >= 0 (0 = never)"),
-             ("--samples-every", args.samples_every, args.samples_every >= 0,
-              "must be >= 0 (0 = never)"),
-             ("--entropy-coef", args.entropy_coef, args.entropy_coef >= 0, "must be >= 0"),
-             ("--tis-cap", args.tis_cap, args.tis_cap == 0 or args.tis_cap >= 1,
-              "must be 0 (off) or >= 1"),
-             ("--overlong-buffer", args.overlong_buffer,
-              0 <= args.overlong_buffer <= args.max_new_tokens,
-              "must be between 0 and --max-new-tokens"),
-             ("--temperature", args.temperature, args.temperature > 0,
-              "must be > 0 (it divides the training logits)"),
-             ("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1]"),
-             ("--batch-prompts", args.batch_prompts, args.batch_prompts >= 1, "must be >= 1"),
-             ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "must be >= 1"),
-             ("--clip-low", args.clip_low, 0 < args.clip_low < 1, "must be in (0, 1)"),
-             ("--clip-high", args.clip_high, args.clip_high > 0, "must be > 0"),
-             ("--dual-clip", args.dual_clip, args.dual_clip == 0 or args.dual_clip > 1,
-              "must be 0 (off) or > 1"),
-             ("--kl-coef", args.kl_coef, args.kl_coef >= 0, "must be >= 0"),
-             ("--ppo-epochs", args.ppo_epochs, args.ppo_epochs >= 1, "must be >= 1"),
-             ("--mini-batches", args.mini_batches,
-              1 <= args.mini_batches <= args.batch_prompts * args.n,
-              "must be between 1 and the number of completions per step"),
-             ("--save-every", args.save_every, args.save_every >= 0, "must be >= 0"),
-             ("--keep-last", args.keep_last, args.keep_last >= 1, "must be >= 1")]
-    check_rules(p, rules)
-    return args
-
-
-def check_rules(p: argparse.ArgumentParser, rules: list[tuple[str, object, bool, str]]):
-    """(flag, value, ok, why) rows: the first failing one is the error, naming the flag."""
-    for flag, value, ok, why in rules:
-        if not ok:
-            p.error(f"{flag} {value}: {why}")
-
-
-def check_data_flags(p: argparse.ArgumentParser, args):
-    """Benchmark names, local paths and --data-dir exist: said before any model or data loads."""
-    specs = [spec.partition("=") for spec in args.data.split(",")]
-    excluded = [] if args.exclude == "none" else args.exclude.split(",")
-    for flag, names in (("--data", [name for name, _, _ in specs]), ("--exclude", excluded)):
-        unknown = [n for n in names if n not in data.BENCHMARKS]
-        if unknown:
-            p.error(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(data.BENCHMARKS)}")
-    for name, _, path in specs:
-        if path and not os.path.exists(path):
-            p.error(f"--data {name}={path}: no such file")
-    if args.data_dir and not os.path.isdir(args.data_dir):
-        p.error(f"--data-dir {args.data_dir}: no such directory")
-
-
 # ----------------------------------------------------------------------------- the run
 
 class Run:
@@ -256,6 +45,8 @@ class Run:
             raise ValueError(f"--batch-prompts {args.batch_prompts} must be a multiple of the "
                              f"{self.dist.world} ranks")
         self.resume_from = self.claim_out()
+        args.threads = args.threads or default_threads()
+        torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -292,7 +83,7 @@ class Run:
             json.dump(flags, f, indent=1)
         prompt_len = max(len(data.encode_prompt(self.tokenizer, q, args.prompt_style))
                          for q in self.train[:512])  # (shuffled) a fair sample of the longest
-        print_plan(args, self.name, M.read_config(self.model_dir), self.dist.world,
+        memory.print_plan(args, self.name, M.read_config(self.model_dir), self.dist.world,
                    self.dist.device.type == "cuda", prompt_len)
         print(f"writing {os.path.join(out, 'run_config.json')}, "
               f"{os.path.join(out, 'metrics.jsonl')}, {os.path.join(out, 'samples.jsonl')}"
@@ -322,19 +113,23 @@ class Run:
         return self.trainables[name]
 
     def reference(self):
-        """The frozen starting policy, sharded, in the inference dtype."""
-        return load_sharded(self.model_dir, self.dist, self.dist.dtype).requires_grad_(False)
+        """The frozen starting policy, sharded, in --reference-dtype."""
+        dtype = reference_dtype(self.args, self.dist.device.type == "cuda")
+        return load_sharded(self.model_dir, self.dist, dtype).requires_grad_(False)
 
     def track(self, name: str, obj):
         """Checkpoint obj.state_dict() with the run and restore it on resume."""
         self.tracked[name] = obj
 
-    def questions(self, step: int, stream: int = 0) -> tuple[list[data.Question], int]:
-        """This rank's prompts for a step and the global index of the first: a seeded permutation
-        per epoch, read in order (the data position is a function of the step), split evenly.
-        stream > 0: batch `step` of another order of the questions (extra sampling rounds)."""
+    def questions(self, step: int, sampling_round: int = 0, rounds: int = 1):
+        """This rank's prompts for a step and the global index of the first in the step: a seeded
+        permutation per epoch, read in order (the data position is a function of the step), split
+        evenly. Extra sampling rounds (sampling_round > 0 of `rounds`) read another order of the
+        questions, their prompts numbered after the earlier rounds'."""
         args, per_rank = self.args, self.args.batch_prompts // self.dist.world
-        first = step * args.batch_prompts + self.dist.rank * per_rank
+        position, stream = ((step, 0) if sampling_round == 0
+                            else (step * (rounds - 1) + sampling_round - 1, 1))
+        first = position * args.batch_prompts + self.dist.rank * per_rank
         out = []
         for g in range(first, first + per_rank):
             epoch, i = divmod(g, len(self.train))
@@ -342,9 +137,10 @@ class Run:
             order = np.random.default_rng(key).permutation(len(self.train))
             q = self.train[order[i]]
             if args.shuffle_options:
-                q = data.shuffle_options(q, random.Random(args.seed * 1_000_003 + g))
+                key = args.seed * 1_000_003 + g if not stream else f"{args.seed}:{stream}:{g}"
+                q = data.shuffle_options(q, random.Random(key))
             out.append(q)
-        return out, self.dist.rank * per_rank
+        return out, sampling_round * args.batch_prompts + self.dist.rank * per_rank
 
     def sampling(self, step: int) -> rollout.Sampling:
         a = self.args
@@ -381,6 +177,20 @@ class Run:
             checkpoint.save(self, step + 1)
 
 
+def default_threads() -> int:
+    """$OMP_NUM_THREADS, else the cores this process may run on over the ranks on this machine."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def reference_dtype(args, cuda: bool) -> torch.dtype:
+    if args.reference_dtype == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    return getattr(torch, args.reference_dtype)
+
+
 def load_tokenizer(model_dir: str, say: bool):
     """The checkpoint's tokenizer; says so when it has no chat template (prompts become plain
     "User: ... Assistant:" text) and names the dir when it has no tokenizer at all."""
@@ -403,27 +213,6 @@ def check_compatible(path: str, policy_dir: str):
         raise ValueError(f"{path}: a {mine.arch} model with vocabulary {mine.vocab_size}, but the "
                          f"policy is {policy.arch} with {policy.vocab_size}: the critic must read "
                          f"the policy's tokens")
-
-
-def print_plan(args, name: str, cfg: M.ModelConfig, world: int, cuda: bool, prompt_len: int):
-    """The memory plan (memory.py) of a grpo / ppo run with these flags, and its peak."""
-    plan = memory.plan(cfg, args, world, cuda, prompt_len, critic=name == "ppo",
-                       reference=args.kl_coef > 0)
-    where = f"{world} x {'CUDA' if cuda else 'CPU'}"
-    print(f"memory plan ({where}, prompts up to {prompt_len} tokens):\n{plan.table()}\n"
-          f"planned peak: {plan.peak() / memory.GB:.2f} GB per process", flush=True)
-
-
-def plan_only(args, name: str):
-    """--plan: the plan from the model's config alone, for --plan-world ranks on --plan-device."""
-    if args.model == "tiny":
-        from tiny import tiny_config
-        cfg = M.ModelConfig.from_hf(tiny_config("llama", 384))
-    else:
-        cfg = M.read_config(args.model)
-    world = args.plan_world or int(os.environ.get("WORLD_SIZE", 1))
-    cuda = (args.plan_device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    print_plan(args, name, cfg, world, cuda, args.plan_prompt_tokens)
 
 
 @torch.no_grad()

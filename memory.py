@@ -10,6 +10,7 @@ saved tensors counted (the difference is one layer's; the rest is the embedding,
 chunked log-probs). On CUDA that forward counts flash-attn's saves (q, k, v, output, lse) so a
 CPU can plan a GPU run; on CPU it runs the real SDPA path at the run's sequence length.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -127,8 +128,10 @@ def plan(cfg: M.ModelConfig, args, world: int, cuda: bool, prompt_len: int,
                      8 * count / world))
         rows.append((f"{name}: fp32 gradients (shard)", 0.0, 0.0, 4 * count / world))
     if reference:
-        rows.append(("reference (shard)", infer * n_policy / world, infer * n_policy / world,
-                     infer * n_policy / world))
+        bf16 = args.reference_dtype == "bfloat16" or (cuda and args.reference_dtype == "auto")
+        ref = 2 if bf16 else 4
+        rows.append(("reference (shard)", ref * n_policy / world, ref * n_policy / world,
+                     ref * n_policy / world))
     if world > 1:
         root = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
         block = (n_policy - root) / layers
@@ -145,3 +148,24 @@ def plan(cfg: M.ModelConfig, args, world: int, cuda: bool, prompt_len: int,
     rows.append((f"kept activations: {micro:,} tokens x {kept / 1e3:,.1f} kB", 0.0, 0.0,
                  micro * kept))
     return Plan(rows)
+
+
+def print_plan(args, name: str, cfg: M.ModelConfig, world: int, cuda: bool, prompt_len: int):
+    """The memory plan of a grpo / ppo run with these flags, and its peak."""
+    held = plan(cfg, args, world, cuda, prompt_len, critic=name == "ppo",
+                reference=args.kl_coef > 0)
+    where = f"{world} x {'CUDA' if cuda else 'CPU'}"
+    print(f"memory plan ({where}, prompts up to {prompt_len} tokens):\n{held.table()}\n"
+          f"planned peak: {held.peak() / GB:.2f} GB per process", flush=True)
+
+
+def plan_only(args, name: str):
+    """--plan: the plan from the model's config alone, for --plan-world ranks on --plan-device."""
+    if args.model == "tiny":
+        from tiny import tiny_config
+        cfg = M.ModelConfig.from_hf(tiny_config("llama", 384))
+    else:
+        cfg = M.read_config(args.model)
+    world = args.plan_world or int(os.environ.get("WORLD_SIZE", 1))
+    cuda = (args.plan_device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    print_plan(args, name, cfg, world, cuda, args.plan_prompt_tokens)

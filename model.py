@@ -289,19 +289,24 @@ class _TokenLogprobs(torch.autograd.Function):
     """log softmax(h @ W.T / T)[target] and entropy, one `(chunk, vocab)` float32 block at a time.
 
     Only `lse` and `E[z]` (N floats each) are saved; the backward recomputes each block of logits
-    z and turns it in place into dL/dz = g_lp * (onehot - p) - g_ent * p * (z - E[z])."""
+    z and turns it in place into dL/dz = g_lp * (onehot - p) - g_ent * p * (z - E[z]). Without
+    `entropy` (scoring), E[z] is not computed and the entropies returned are zeros."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk):
+    def forward(ctx, hidden, weight, targets, temperature, chunk, entropy):
         lse, mean_z, logp = [], [], []
         for i in range(0, hidden.shape[0], chunk):
-            z = (hidden[i:i + chunk] @ weight.t()).float() / temperature  # (C, V)
+            z = (hidden[i:i + chunk] @ weight.t()).float()  # (C, V)
+            if temperature != 1.0:
+                z.div_(temperature)
             lse.append(torch.logsumexp(z, dim=-1))
-            mean_z.append((torch.softmax(z, dim=-1) * z).sum(-1))
+            if entropy:
+                mean_z.append((torch.softmax(z, dim=-1) * z).sum(-1))
             logp.append(z.gather(-1, targets[i:i + chunk, None]).squeeze(-1) - lse[-1])
-        lse, mean_z = torch.cat(lse), torch.cat(mean_z)
+        lse = torch.cat(lse)
+        mean_z = torch.cat(mean_z) if entropy else lse  # entropies lse - E[z]: 0 when not asked
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.entropy = temperature, chunk, entropy
         return torch.cat(logp), lse - mean_z  # log-probs, entropies
 
     @staticmethod
@@ -312,20 +317,23 @@ class _TokenLogprobs(torch.autograd.Function):
             sl = slice(i, i + ctx.chunk)
             z = (hidden[sl] @ weight.t()).float() / ctx.temperature  # (C, V), recomputed
             p = torch.exp(z - lse[sl, None])
-            z.sub_(mean_z[sl, None]).mul_(p).mul_(-g_ent[sl, None])  # entropy part
+            if ctx.entropy:
+                z.sub_(mean_z[sl, None]).mul_(p).mul_(-g_ent[sl, None])  # entropy part
+            else:
+                z.zero_()
             z.sub_(p.mul_(g_logp[sl, None]))  # - g * p
             z.scatter_add_(-1, targets[sl, None], g_logp[sl, None])  # + g * onehot
             z.div_(ctx.temperature)  # dL/d(h @ W.T)
             grad_h[sl] = (z @ weight.float()).to(hidden.dtype)
             grad_w.addmm_(z.t(), hidden[sl].float())
-        return grad_h, grad_w.to(weight.dtype), None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 
 def token_logprobs(hidden, weight, targets, temperature: float = 1.0, entropy: bool = False,
                    chunk: int = 256):
     """Per-token log-probs of `targets` (and entropies) under softmax(hidden @ weight.T / T),
     without a `[tokens, vocab]` tensor. hidden (N, H), targets (N,) -> (N,), (N,) or None."""
-    logp, ent = _TokenLogprobs.apply(hidden, weight, targets, temperature, chunk)
+    logp, ent = _TokenLogprobs.apply(hidden, weight, targets, temperature, chunk, entropy)
     return logp, (ent if entropy else None)
 
 

@@ -36,8 +36,10 @@ import time
 
 import torch
 
+import flags
 import grpo
 import loop
+import memory
 import rl
 
 # Med-RLVR's recipe: the defaults of `python ppo.py`.
@@ -49,14 +51,14 @@ MEDRLVR_DEFAULTS = dict(model="Qwen/Qwen2.5-3B", data="medqa_train", format="thi
 # the boxed format but Med-RLVR's -1 for a bad format and KL 0.01 in the reward. Its answers are 8
 # tokens at most, so lambda barely discounts (0.95^8 = 0.66) and the lower-variance advantages of
 # 0.95 learn this toy faster (reward 0.92 at step 140 vs 0.65 with lambda 1, README).
-TINY_DEFAULTS = dict(loop.TINY_DEFAULTS, format="boxed", prompt_style="alphamed",
+TINY_DEFAULTS = dict(flags.TINY_DEFAULTS, format="boxed", prompt_style="alphamed",
                      reward_values="1,0,-1", n=4, batch_prompts=32, mini_batches=2, steps=200,
                      critic_lr=1e-3, kl_coef=0.01, lam=0.95,
                      entropy_coef=0.05)  # few samples per prompt: without it some answers collapse
 
 
 def get_args(argv=None):
-    p = loop.build_parser(__doc__)
+    p = flags.build_parser(__doc__)
     add = p.add_argument_group("PPO").add_argument
     add("--critic", default=None, help="critic init checkpoint (default: --model)")
     add("--critic-lr", type=float, default=9e-6, help="critic AdamW learning rate")
@@ -68,8 +70,8 @@ def get_args(argv=None):
         help="adaptive KL: target per-token KL (default: fixed --kl-coef)")
     add("--kl-horizon", type=int, default=10000, help="adaptive KL: horizon in sequences")
     p.set_defaults(**MEDRLVR_DEFAULTS)
-    args = loop.parse_args(p, argv, TINY_DEFAULTS)
-    loop.check_rules(p, [
+    args = flags.parse_args(p, argv, TINY_DEFAULTS)
+    flags.check_rules(p, [
         ("--critic-lr", args.critic_lr, args.critic_lr > 0, "must be > 0"),
         ("--gamma", args.gamma, 0 <= args.gamma <= 1, "must be in [0, 1]"),
         ("--lam", args.lam, 0 <= args.lam <= 1, "must be in [0, 1]"),
@@ -174,9 +176,10 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
                run: loop.Run) -> tuple[dict, list]:
     args, dist, t0 = run.args, run.dist, time.perf_counter()
     questions, first_group = run.questions(step)
+    times = {}  # time_generate, time_reward
     rollouts = rl.collect(policy.module, run.tokenizer, questions, first_group, run.sampling(step),
-                          args, run.reward_values, dist)
-    metrics = rl.rollout_metrics(rollouts, dist)
+                          args, run.reward_values, dist, times)
+    metrics = dict(rl.rollout_metrics(rollouts, dist), **times)
     t1 = time.perf_counter()
     if ref is not None:
         for r, lp in zip(rollouts, rl.score(ref, rollouts, args, dist)):
@@ -212,7 +215,7 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
 def main(argv=None):
     args = get_args(argv)
     if args.plan:
-        return loop.plan_only(args, "ppo")
+        return memory.plan_only(args, "ppo")
     run = loop.Run(args, "ppo")
     policy = run.trainable("policy", run.model_dir, args.lr)
     critic_dir = run.model_dir if args.critic is None else run.local_model(args.critic)

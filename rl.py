@@ -16,6 +16,7 @@ and the old policy, a critic's values) -> update (optimizer steps over packed mi
 - `Trainable`: a module with its AdamW and LR schedule (the policy; PPO's critic).
 """
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -48,14 +49,17 @@ class Rollout:
 
 
 def collect(policy, tok, questions, first_group: int, sampling: rollout.Sampling, args,
-            reward_values: reward.RewardValues, dist: Dist) -> list[Rollout]:
+            reward_values: reward.RewardValues, dist: Dist, times: dict | None = None):
     """Sample sampling.n completions per question (prompt-major) with the policy's gathered
     weights, and score each with the rule reward. `first_group` is the global index of
-    questions[0] in the step (its random streams and its group number)."""
+    questions[0] in the step (its random streams and its group number). Adds the seconds spent
+    generating and rewarding to `times` (time_generate, time_reward)."""
+    start = time.perf_counter()
     prompts = [data.encode_prompt(tok, q, args.prompt_style) for q in questions]
     with Gathered(policy) as m:
         samples = rollout.generate(m, prompts, sampling, stop_ids=rollout.stop_ids_for(m, tok),
                                    prompt_offset=first_group, progress=dist.main)
+    generated = time.perf_counter()
     rollouts = []
     for s in samples:
         q = questions[s.prompt_idx]
@@ -65,6 +69,9 @@ def collect(policy, tok, questions, first_group: int, sampling: rollout.Sampling
                               args.overlong_penalty)
         rollouts.append(Rollout(q, first_group + s.prompt_idx, s.prompt_ids, s.response_ids,
                                 torch.tensor(s.logprobs), s.finish_reason, text, r, info))
+    if times is not None:
+        times["time_generate"] = times.get("time_generate", 0.0) + generated - start
+        times["time_reward"] = times.get("time_reward", 0.0) + time.perf_counter() - generated
     return rollouts
 
 
@@ -272,27 +279,35 @@ def lr_lambda(args, total: int):
     return factor
 
 
-def update(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist) -> list[dict]:
+def update(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist,
+           needs_forward=None) -> list[dict]:
     """--ppo-epochs passes over the rollouts, each in --mini-batches optimizer steps.
     loss_fn(mb, weights) -> (loss, {name: per-token tensor}); returns one dict per optimizer step:
-    the loss and each statistic summed over real tokens of every rank, `tokens`, the grad norm
-    and the learning rate."""
+    the loss and each statistic summed over the computed tokens of every rank, `tokens`,
+    `skipped_tokens`, the grad norm and the learning rate. needs_forward(rollout) False: the
+    rollout cannot change the loss (GRPO: zero advantage and no KL or entropy term), so it gets
+    no forward or backward, but still counts in the loss normaliser."""
     minis = [rollouts[i::args.mini_batches] for i in range(args.mini_batches)]
-    steps = [optimizer_step(part, mini, loss_fn, args, dist)
+    steps = [optimizer_step(part, mini, loss_fn, args, dist, needs_forward)
              for _ in range(args.ppo_epochs) for mini in minis]
     return [s for s in steps if s is not None]
 
 
-def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args,
-                   dist: Dist) -> dict | None:
+def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist,
+                   needs_forward=None) -> dict | None:
     """One optimizer step on `rollouts` (all ranks' together); None, with nothing changed, when no
     rank has any (e.g. --drop-zero-var dropped every group): AdamW would still decay weights."""
-    tokens, seqs = dist.sum([sum(len(r.response_ids) for r in rollouts), len(rollouts)])
+    computed = [r for r in rollouts if needs_forward is None or needs_forward(r)]
+    tokens, seqs, skipped = dist.sum([sum(len(r.response_ids) for r in rollouts), len(rollouts),
+                                      sum(len(r.response_ids) for r in rollouts)
+                                      - sum(len(r.response_ids) for r in computed)])
     if seqs == 0:
         return None
-    mbs = micro_batches(rollouts, args.micro_tokens, dist.device)
+    mbs = micro_batches(computed, args.micro_tokens, dist.device)
     sums = {"loss": 0.0, "tokens": 0.0}
-    for i in range(dist.max(len(mbs))):
+    # At least one (dummy) micro-batch: with every rollout skipped, zero gradients still make
+    # AdamW take the step it would have taken (its moments decay), as without the skip.
+    for i in range(max(dist.max(len(mbs)), 1)):
         dummy = i >= len(mbs)  # keeps this rank's forwards and backwards matched with the others'
         mb = dummy_batch(dist.device) if dummy else mbs[i]
         weights = token_weights(mb.lengths, args.loss_agg, max(tokens, 1), max(seqs, 1),
@@ -308,7 +323,7 @@ def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args,
     part.sched.step()
     part.opt.zero_grad(set_to_none=True)
     sums = dict(zip(sums, dist.sum(list(sums.values()))))
-    return dict(sums, grad_norm=grad_norm, lr=part.sched.get_last_lr()[0])
+    return dict(sums, skipped_tokens=skipped, grad_norm=grad_norm, lr=part.sched.get_last_lr()[0])
 
 
 def clip_grads(module, max_norm: float) -> float:
@@ -325,6 +340,7 @@ def policy_metrics(steps: list[dict]) -> dict:
     tokens = max(sum(s["tokens"] for s in steps), 1)
     means = {k: sum(s[k] for s in steps) / tokens for k in ("kl", "clip_frac", "entropy")}
     return dict(means, loss=sum(s["loss"] for s in steps) / len(steps),
+                skipped_tokens=sum(s["skipped_tokens"] for s in steps),
                 grad_norm=sum(s["grad_norm"] for s in steps) / len(steps),
                 logprob_gap=steps[0]["logprob_gap"] / max(steps[0]["tokens"], 1),
                 lr=steps[-1]["lr"])

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+import flags
 import grpo
-import loop
 import model as M
 import rl
 from parallel import Dist
@@ -259,5 +259,34 @@ def test_help_documents_every_flag(capsys):
     out = capsys.readouterr().out
     parser_flags = [a for a in out.split() if a.startswith("--")]
     assert "--kl-estimator" in parser_flags and "--loss-agg" in parser_flags
-    for action in loop.build_parser("")._actions:
+    for action in flags.build_parser("")._actions:
         assert action.help, f"{action.option_strings} has no help text"
+
+
+def test_skipping_dead_completions_changes_nothing_but_the_work(tmp_path):
+    """Zero-advantage completions (no KL, no entropy term) get no forward or backward but still
+    count in the normaliser: the weights after an update equal those of the full update, also
+    for a later update where every completion is dead (AdamW's moments still move them)."""
+    path = make_tiny_checkpoint(str(tmp_path / "m"), seed=6)
+    args = args_for(loss_agg="token-mean", micro_tokens=12)
+    live = make_items()  # advantages -2 .. 2, one of them 0
+    dead = make_items(3)
+    for it in dead:
+        it.advantages = torch.zeros_like(it.advantages)
+    results = []
+    for needs_forward in (None, lambda r: bool(r.advantages.any())):
+        module = M.load_model(path)
+        part = rl.Trainable.load("policy", path, 1e-3, args, Dist())
+        part.module.load_state_dict(module.state_dict())
+        stats = []
+        for batch in (live + dead, dead):
+            loss_fn = functools.partial(grpo.policy_loss, part.module, args=args, kl_coef=0.0)
+            stats += rl.update(part, batch, loss_fn, args, Dist(), needs_forward)
+        results.append((torch.cat([p.detach().flatten() for p in part.module.parameters()]), stats))
+    (full, full_stats), (skipped, skip_stats) = results
+    assert torch.allclose(full, skipped, atol=1e-6)
+    assert [s["skipped_tokens"] for s in full_stats] == [0, 0]
+    dead_tokens = sum(len(it.response_ids) for it in dead)
+    zero = sum(len(it.response_ids) for it in live if not it.advantages.any())
+    assert [s["skipped_tokens"] for s in skip_stats] == [dead_tokens + zero, dead_tokens]
+    assert full_stats[0]["loss"] == pytest.approx(skip_stats[0]["loss"], abs=1e-7)
