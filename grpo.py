@@ -101,12 +101,6 @@ def group_advantages(rewards: torch.Tensor, norm: str = "std", eps: float = 1e-6
     return adv
 
 
-def batch_std(rewards: list[float], dist) -> float:
-    """The (unbiased) std of every rank's rewards."""
-    n, total, squares = dist.sum([len(rewards), sum(rewards), sum(r * r for r in rewards)])
-    return max((squares - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
-
-
 def policy_log_ratio(lp, old, lengths: list[int], kind: str) -> torch.Tensor:
     """Per-token log pi/pi_old the surrogate clips: ppo, a token's own; gspo, its completion's
     mean (the gradient through that mean); gspo-token, the mean's value with the token's own
@@ -178,7 +172,7 @@ def set_group_advantages(rollouts: list[rl.Rollout], norm: str, dist) -> set[int
     groups = sorted({r.group for r in rollouts})
     members = [[r for r in rollouts if r.group == g] for g in groups]
     rewards = torch.tensor([[r.reward for r in m] for m in members])  # (P, G)
-    scale = batch_std([r.reward for r in rollouts], dist) if norm == "batch-std" else 0.0
+    scale = rl.global_std([r.reward for r in rollouts], dist) if norm == "batch-std" else 0.0
     for m, row in zip(members, group_advantages(rewards, norm, batch_std=scale).tolist()):
         for r, a in zip(m, row):
             r.advantages = torch.full((len(r.response_ids),), a)

@@ -104,6 +104,12 @@ def mismatch_metrics(rollouts: list[Rollout], cap: float, dist: Dist) -> dict:
                 tis_capped_frac=sums[4] / n, tis_ess=ess)
 
 
+def global_std(values: list[float], dist: Dist) -> float:
+    """The (unbiased) std of every rank's values together."""
+    n, total, squares = dist.sum([len(values), sum(values), sum(v * v for v in values)])
+    return max((squares - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
+
+
 def rollout_metrics(rollouts: list[Rollout], dist: Dist) -> dict:
     """Means over every rank's completions (one all-reduce); the longest response; how many
     completions and tokens were generated; the share of groups whose completions all got the
