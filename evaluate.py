@@ -81,7 +81,11 @@ def parse_args(argv=None):
                         "hub id)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --out (else a second run is refused)")
-    args = p.parse_args(argv)
+    return resolve_args(p, p.parse_args(argv))
+
+
+def resolve_args(p: argparse.ArgumentParser, args):
+    """Check every flag (one error naming it) and fill the defaults that depend on others."""
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     unknown = [n for n in names if n not in data.BENCHMARKS]
     if unknown or not names:

@@ -10,27 +10,16 @@ of --reps runs after a warm-up, medrl and transformers alternating, so both see 
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import torch
+from timing import best_seconds  # bench/timing.py (this script's own folder is on sys.path)
 
 import data
 import grpo
-import model as M
 import rl
 import tiny
 from parallel import Dist
-
-
-def best(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def rollouts(path: str, n: int, response: int) -> list[rl.Rollout]:
@@ -86,11 +75,11 @@ def main():
         hf_logprobs(hf, batch).backward()
 
     with torch.no_grad():
-        score_s = best(lambda: rl.score(part.module, batch, flags, Dist()), args.reps)
-        hf_score_s = best(lambda: hf_logprobs(hf, batch), args.reps)
-    update_s = best(lambda: update(True), args.reps)
-    hf_update_s = best(hf_update, args.reps)
-    dead_s = best(lambda: update(False), args.reps)
+        score_s = best_seconds(lambda: rl.score(part.module, batch, flags, Dist()), args.reps)
+        hf_score_s = best_seconds(lambda: hf_logprobs(hf, batch), args.reps)
+    update_s = best_seconds(lambda: update(True), args.reps)
+    hf_update_s = best_seconds(hf_update, args.reps)
+    dead_s = best_seconds(lambda: update(False), args.reps)
     print(f"SmolLM2-135M, {args.sequences} sequences, {tokens:,} tokens ({args.response} response "
           f"tokens each), fp32, {torch.get_num_threads()} thread(s)")
     print(f"{'':34}{'medrl s':>10}{'transformers s':>16}{'transformers/medrl':>20}")
