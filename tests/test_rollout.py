@@ -121,6 +121,57 @@ def test_flash_kvcache_path_matches_sdpa(llama, monkeypatch):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
 
+def test_segmented_decode_matches_one_read_of_all_rows(llama, monkeypatch):
+    """Head-major decode split into a segment per run of equal lengths gives what one segment
+    per run of adjacent slots (free slots after stops split them) gives."""
+    kw = dict(n=3, max_new_tokens=10, temperature=1.0, seed=4, stop_ids=list(range(3, 300, 9)))
+    built = []
+    real = R._segments
+    monkeypatch.setattr(R, "_segments", lambda *a: built.append(real(*a)) or built[-1])
+    monkeypatch.setitem(R.SEGMENT_COST, "cpu", 10**9)  # split only at free slots
+    one = gen(llama, PROMPTS, **kw)
+    assert max(map(len, built)) > 1, "no free slot split the rows"
+    assert any(s.finish_reason == "stop" for s in one)
+    splits, built[:] = sum(map(len, built)), []
+    monkeypatch.setitem(R.SEGMENT_COST, "cpu", 0)  # never a key too many
+    many = gen(llama, PROMPTS, **kw)
+    assert sum(map(len, built)) > splits
+    for a, b in zip(one, many):
+        assert a.response_ids == b.response_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_plan_segments_trades_wasted_keys_for_calls():
+    assert R._plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=5) == [(0, 2), (2, 4)]
+    assert R._plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=1000) == [(0, 4)]
+    assert R._plan_segments([0, 1, 3], [50, 50, 50], cost=1000) == [(0, 2), (2, 3)]  # free 2
+    assert R._plan_segments([4, 5, 6], [1, 50, 50], cost=60) == [(0, 3)]  # 49 keys < a call
+    assert R._plan_segments([4, 5, 6], [1, 50, 50], cost=40) == [(0, 1), (1, 3)]
+
+
+def test_prompt_write_in_both_cache_layouts():
+    cfg = M.ModelConfig(arch="llama", vocab_size=16, hidden_size=8, intermediate_size=16,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=3, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
+                        tie_word_embeddings=False, qkv_bias=False, o_bias=False)
+    k, v = torch.randn(4, 2, 3), torch.randn(4, 2, 3)  # (T, Hkv, D)
+    for flash in (False, True):
+        cache = R.KVCache(cfg, slots=3, max_len=5, device="cpu", dtype=torch.float32, flash=flash)
+        cache.write_prompt(1, 1, 3, k, v)  # slots 1 and 2, positions 0..3
+        kk = cache.k[1] if flash else cache.k[1].permute(0, 3, 1, 2)  # (slots, T, Hkv, D)
+        vv = cache.v[1] if flash else cache.v[1].transpose(1, 2)  # (slots, T, Hkv, D)
+        for s in (1, 2):
+            assert torch.equal(kk[s, :4], k) and torch.equal(vv[s, :4], v)
+        assert kk[0].abs().sum() == 0 and kk[:, 4].abs().sum() == 0 and cache.k[0].abs().sum() == 0
+
+
+def test_admitted_slots_go_to_the_shortest_prompts_first():
+    from types import SimpleNamespace
+    run = R._Run([[1] * 5, [2] * 2, [3] * 9], 2, SimpleNamespace(slots=6), seed=0,
+                 prompt_offset=0, device="cpu")
+    assert run.admit() == [(0, [0, 1], [2, 3]), (1, [0, 1], [0, 1]), (2, [0, 1], [4, 5])]
+
+
 # ----------------------------------------------------------------------------- sampling functions
 
 def test_top_k_and_top_p_never_leave_the_allowed_set():
@@ -139,6 +190,23 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
     assert (freq - probs).abs().max() < 0.03  # the unfiltered sampler follows the distribution
     greedy, _ = R.sample_tokens(logits, 0.0, 0, 1.0, u)
     assert set(greedy.tolist()) == {0}
+
+
+@pytest.mark.parametrize("vocab", [6, 256, 1000, 49152])
+def test_inverse_cdf_equals_a_float64_cumsum_search(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    weights = (torch.randn(64, vocab, generator=g) * 3).exp()
+    weights[:8, 1::2] = 0  # filtered tokens
+    weights[8:16, vocab // 2 + 1:] = 0  # a zero tail
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[:4] = 1 - 2.0**-54  # the largest uniform: the last token of positive weight
+    cdf = weights.double().cumsum(-1)
+    ref = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    last = torch.where(weights > 0, torch.arange(vocab), -1).amax(-1)
+    ref = torch.minimum(ref, last)
+    got = R.inverse_cdf(weights, u)
+    assert torch.equal(got, ref)
+    assert (weights.gather(-1, got[:, None]) > 0).all()
 
 
 def test_uniforms_are_uniform_and_distinct_per_stream():
