@@ -7,12 +7,14 @@ One forward serves every use:
     int32 and `max_seqlen`: no padding anywhere (training and scoring use this);
   - `targets=` turns the output into per-token log-probs (and entropy) computed in chunks, so no
     `[tokens, vocab]` float32 tensor exists; `select=` keeps only some rows' logits (prefill);
-  - `cache=` (a rollout.Prefill or rollout.Decode record) hands attention to it: it writes k/v
-    into the KV cache and attends over it;
+  - `attention=` hands attention to a record's `attend(layer, q, k, v)`: rollout.Prefill and
+    rollout.Decode write k/v into the KV cache and attend over it; `SharedPrefix` lets a group's
+    responses attend to one packed copy of their prompt (training and scoring);
   - a model built with a value head (PPO critic) returns one value per token instead.
-Attention backend: flash-attn's varlen kernel on CUDA in fp16/bf16 when importable, else SDPA with
-an explicit block-diagonal causal mask. `use_flash` is the one switch (tests inject a double).
+Attention backend: flash-attn's varlen kernel on CUDA in fp16/bf16 when importable, else one SDPA
+call per packed sequence. `use_flash` is the one switch (tests inject a double).
 """
+import itertools
 import json
 import math
 import os
@@ -144,25 +146,51 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 # ----------------------------------------------------------------------------- attention
 
-def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """Causal attention within each packed sequence. q (N, H, D), k/v (N, Hkv, D) -> (N, H, D)."""
+def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_k: int | None = None):
+    """Causal attention within each packed sequence. q (Nq, H, D), k/v (Nk, Hkv, D) -> (Nq, H, D).
+    Sequence s: queries [cu_seqlens[s], cu_seqlens[s+1]), keys [cu_seqlens_k[s], ...) (by default
+    the same tokens). With fewer queries than keys the queries are the last ones: query i sees keys
+    j <= i + Lk - Lq (flash-attn's bottom-right causal alignment)."""
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
     if use_flash(q):
-        return FLASH.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        return FLASH.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k,
                                             causal=True)
-    # SDPA fallback: scatter the sequences into a right-padded (S, max_seqlen) batch. A query at a
-    # real position i only sees keys j <= i, all real, so top-left `is_causal` is exact for every
-    # row we keep; padded rows are computed and dropped. Cost O(S * T^2), not O(N^2).
-    n, lens = q.shape[0], cu_seqlens.diff().long()
-    seq = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens, output_size=n)
-    off = torch.arange(n, device=q.device) - cu_seqlens.long()[seq]  # (N,) position in its sequence
+    # SDPA fallback: one call per sequence (a padded batch of them cost ~10% more of an update).
+    out = []
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(cu_seqlens.tolist()),
+                                  itertools.pairwise(cu_k.tolist())):
+        lq, lk = q1 - q0, k1 - k0
+        if lq == 0:
+            continue
+        mask = None  # top-left `is_causal` is exact when the queries are the keys
+        if lq != lk:
+            mask = (torch.arange(lk, device=q.device)
+                    <= torch.arange(lq, device=q.device)[:, None] + (lk - lq))  # (Lq, Lk)
+        o = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
+                                           v[k0:k1].transpose(0, 1), attn_mask=mask,
+                                           is_causal=mask is None, enable_gqa=True)  # (H, Lq, D)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out) if out else q.new_zeros(q.shape)
 
-    def padded(x):  # (N, h, D) -> (S, h, T, D)
-        out = x.new_zeros(len(lens), max_seqlen, *x.shape[1:])
-        out[seq, off] = x
-        return out.transpose(1, 2)  # (S, h, T, D)
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
-                                         enable_gqa=True)  # (S, H, T, D)
-    return out.transpose(1, 2)[seq, off]  # (N, H, D)
+
+@dataclass
+class SharedPrefix:
+    """Attention for packed groups that hold their prompt once: a group is laid out as
+    [prompt, response 1, response 2, ...], each response at the positions after the prompt. Its
+    first sequence is prompt + response 1; every later response is a sequence of its own whose
+    keys are the prompt's and its own (`kv_index` gathers them), so it attends to the one copy of
+    the prompt exactly as if the prompt preceded it. Passed as the forward's `attention=`."""
+    cu_q: torch.Tensor  # (S+1,) int32 queries: every packed token once
+    max_q: int
+    cu_k: torch.Tensor  # (S+1,) int32 into the gathered keys
+    max_k: int
+    kv_index: torch.Tensor  # (sum of Lk,) int64: packed row of each sequence's keys
+
+    def attend(self, layer: int, q, k, v):
+        return varlen_attention(q, k[self.kv_index], v[self.kv_index], self.cu_q, self.max_q,
+                                self.cu_k, self.max_k)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -189,13 +217,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, attention):
         n = x.shape[0]
         q = rotate(self.q_proj(x).view(n, self.h, self.d), cos, sin)  # (N, H, D)
         k = rotate(self.k_proj(x).view(n, self.hkv, self.d), cos, sin)  # (N, Hkv, D)
         v = self.v_proj(x).view(n, self.hkv, self.d)  # (N, Hkv, D)
-        if cache is not None:
-            out = cache.attend(self.layer_idx, q, k, v)
+        if attention is not None:
+            out = attention.attend(self.layer_idx, q, k, v)
         else:
             out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)
         return self.o_proj(out.reshape(n, self.h * self.d))  # (N, H * D)
@@ -220,8 +248,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache)
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, attention=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -252,11 +280,11 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings and not self.config.value_head:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions=None, cu_seqlens=None, max_seqlen=None, *, cache=None,
-                select=None, targets=None, temperature=1.0, entropy=False):
+    def forward(self, input_ids, positions=None, cu_seqlens=None, max_seqlen=None, *,
+                attention=None, select=None, targets=None, temperature=1.0, entropy=False):
         """See the module docstring. Returns logits, values, or (logprobs, entropy|None)."""
         batch_shape = None
-        if cu_seqlens is None and cache is None:  # (B, T) full rows
+        if cu_seqlens is None and attention is None:  # (B, T) full rows
             batch_shape = input_ids.shape
             b, t = batch_shape
             input_ids = input_ids.reshape(-1)  # (B * T,)
@@ -268,10 +296,10 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (N, hidden)
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, cache,
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, attention,
                                use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache)
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, attention)
         x = self.model.norm(x)
         if select is not None:
             x = x[select]

@@ -6,7 +6,9 @@ and the old policy, a critic's values) -> update (optimizer steps over packed mi
 
 - `Rollout`: one completion with its group (the prompt it answers), reward, and the per-token
   tensors the losses read. One record from sampling to the optimizer.
-- `micro_batches`: rollouts packed back to back (cu_seqlens, no padding) up to a token budget.
+- `micro_batches`: rollouts packed back to back (cu_seqlens, no padding) up to a token budget;
+  a group's responses share one copy of its prompt (M.SharedPrefix), so scoring and the update
+  process each prompt once per micro-batch instead of once per completion.
 - `score`: log-probs of the response tokens under any model (or a critic's values). Every rank
   runs the same number of forwards, padding with zero-weight dummy batches.
 - `update`: --ppo-epochs passes in --mini-batches optimizer steps. The loss normaliser is global
@@ -139,13 +141,14 @@ def rollout_metrics(rollouts: list[Rollout], dist: Dist) -> dict:
 @dataclass
 class MicroBatch:
     rollouts: list[Rollout]
-    ids: torch.Tensor  # (N,) prompt + response tokens of every rollout, packed
-    positions: torch.Tensor  # (N,)
-    cu_seqlens: torch.Tensor  # (S+1,) int32
+    ids: torch.Tensor  # (N,) each prompt once, then its rollouts' responses, packed
+    positions: torch.Tensor  # (N,) a response continues its prompt's positions
+    cu_seqlens: torch.Tensor  # (S+1,) int32, the query tokens of each attention sequence
     max_seqlen: int
     select: torch.Tensor  # (R,) rows whose next token is a response token
     targets: torch.Tensor  # (R,) those response tokens
     lengths: list[int] = field(default_factory=list)  # response length of each rollout
+    attention: M.SharedPrefix | None = None  # None: no prompt is shared, plain causal packing
     # Per response token, (R,) each, concatenated over the rollouts; None when they have none.
     sampler_logprobs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -155,14 +158,22 @@ class MicroBatch:
     returns: torch.Tensor | None = None
 
 
+def _shares_prompt(r: Rollout, previous: Rollout | None) -> bool:
+    """Whether r's prompt is the one just packed (the samples of a group are adjacent)."""
+    return (previous is not None and len(r.response_ids) > 0
+            and (r.prompt_ids is previous.prompt_ids or r.prompt_ids == previous.prompt_ids))
+
+
 def micro_batches(rollouts: list[Rollout], token_budget: int, device) -> list[MicroBatch]:
-    """Greedy packing in order until the token budget; an over-long rollout gets its own batch."""
+    """Greedy packing in order until the token budget (a shared prompt counted once); an
+    over-long rollout gets its own batch."""
     batches, current, size = [], [], 0
     for r in rollouts:
-        n = len(r.prompt_ids) + len(r.response_ids)
+        shared = _shares_prompt(r, current[-1] if current else None)
+        n = len(r.response_ids) + (0 if shared else len(r.prompt_ids))
         if current and size + n > token_budget:
             batches.append(current)
-            current, size = [], 0
+            current, size, n = [], 0, len(r.prompt_ids) + len(r.response_ids)
         current.append(r)
         size += n
     if current:
@@ -177,16 +188,39 @@ def _cat(tensors: list, device) -> torch.Tensor | None:
 
 
 def pack(rollouts: list[Rollout], device) -> MicroBatch:
-    sequences = [r.prompt_ids + r.response_ids for r in rollouts]
-    ids, positions, cu, max_seqlen = M.pack(sequences, device)
-    select, targets = [], []
-    for r, start in zip(rollouts, cu[:-1].tolist()):
-        first = start + len(r.prompt_ids) - 1  # the row that predicts the first response token
-        select += range(first, first + len(r.response_ids))
+    """One micro-batch. A rollout whose prompt is its predecessor's adds only its response, at the
+    positions after the prompt; it attends to the prompt's packed rows (kv_index), and its first
+    token is predicted by the prompt's last row, the row that predicts every sibling's first."""
+    ids, positions, select, targets = [], [], [], []
+    cu_q, cu_k, kv_index, prompt_rows, previous = [0], [0], [], [], None
+    for r in rollouts:
+        start, p, n = len(ids), len(r.prompt_ids), len(r.response_ids)
+        if _shares_prompt(r, previous):
+            ids += r.response_ids
+            positions += range(p, p + n)
+            kv_index += prompt_rows + list(range(start, start + n))
+            select += [prompt_rows[-1], *range(start, start + n - 1)]
+        else:
+            ids += r.prompt_ids + r.response_ids
+            positions += range(p + n)
+            prompt_rows = list(range(start, start + p))
+            kv_index += range(start, start + p + n)
+            select += range(start + p - 1, start + p + n - 1)
         targets += r.response_ids
+        cu_q.append(len(ids))
+        cu_k.append(len(kv_index))
+        previous = r
+    max_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+    cu_q = torch.tensor(cu_q, dtype=torch.int32, device=device)
+    attention = None
+    if cu_k[-1] != len(ids):  # some prompt is shared
+        attention = M.SharedPrefix(cu_q, max_q, torch.tensor(cu_k, dtype=torch.int32,
+                                   device=device), max(b - a for a, b in zip(cu_k, cu_k[1:])),
+                                   torch.tensor(kv_index, device=device))
     return MicroBatch(
-        rollouts, ids, positions, cu, max_seqlen, torch.tensor(select, device=device),
-        torch.tensor(targets, device=device), [len(r.response_ids) for r in rollouts],
+        rollouts, torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+        cu_q, max_q, torch.tensor(select, device=device),
+        torch.tensor(targets, device=device), [len(r.response_ids) for r in rollouts], attention,
         sampler_logprobs=_cat([r.sampler_logprobs for r in rollouts], device),
         advantages=_cat([r.advantages for r in rollouts], device),
         old_logprobs=_cat([r.old_logprobs for r in rollouts], device),
@@ -215,13 +249,14 @@ def dummy_batch(device) -> MicroBatch:
 
 def logprobs(model, mb: MicroBatch, temperature: float, entropy: bool = False):
     """Per-response-token log-probs (R,) of mb's targets, and entropies (R,) when asked."""
-    return model(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, select=mb.select,
-                 targets=mb.targets, temperature=temperature, entropy=entropy)
+    return model(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, attention=mb.attention,
+                 select=mb.select, targets=mb.targets, temperature=temperature, entropy=entropy)
 
 
 def values(critic, mb: MicroBatch) -> torch.Tensor:
     """The critic's value (R,) at each row that predicts a response token."""
-    return critic(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, select=mb.select)
+    return critic(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, attention=mb.attention,
+                  select=mb.select)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ contiguous). `Sampling` holds the settings; trainers and evaluate.py build one a
 - Attention over the cache: flash-attn's `flash_attn_with_kvcache` (in-place append, per-slot
   `cache_seqlens`) when `model.use_flash` says so; else grouped-query batched matmuls over runs
   of slots ("segments", slots assigned shortest prompt first), each read only up to its own
-  longest row. `Prefill` / `Decode` are records passed as the forward's `cache=`; the model
+  longest row. `Prefill` / `Decode` are records passed as the forward's `attention=`; the model
   calls their `attend`.
 - Sampling: temperature (0 = greedy), top-k, top-p, as small pure functions; one uniform number
   per (completion, step) from a counter-based hash of (seed, prompt index, sample index, step)
@@ -311,7 +311,7 @@ def _prefill(model, run: _Run, batch):
                 runs.append((s, s + 1, t0, t1))
         new_slots, rows, t0 = new_slots + slots, rows + [i] * len(slots), t1
     writes = Prefill(run.cache, cu, max_seqlen, runs)
-    logits = model(ids, pos, cu, max_seqlen, cache=writes, select=cu[1:].long() - 1)  # (P, V)
+    logits = model(ids, pos, cu, max_seqlen, attention=writes, select=cu[1:].long() - 1)  # (P, V)
     return new_slots, logits[torch.tensor(rows, device=run.device)]  # (new slots, V)
 
 
@@ -397,7 +397,7 @@ def _decode(model, run: _Run, slots, last):
     lens = torch.tensor(host_lens, dtype=torch.int32, device=dev)
     segments = [] if run.cache.flash else _segments(run.cache, slots, host_lens, lens)
     ids = torch.tensor([last[s] for s in slots], device=dev)
-    return model(ids, lens.long(), cache=Decode(run.cache, rows, lens, segments))  # (B, V)
+    return model(ids, lens.long(), attention=Decode(run.cache, rows, lens, segments))  # (B, V)
 
 
 # One more segment costs about as much as reading this many more keys of one row (its ~5 calls

@@ -103,14 +103,20 @@ def policy(tmp_path_factory):
     return M.load_model(make_tiny_checkpoint(str(tmp_path_factory.mktemp("m") / "t"), seed=4))
 
 
-def make_items(seed=0):
+def make_items(seed=0, group_sizes=(1, 3, 1, 2)):
+    """Rollouts of random prompts and responses, `group_sizes[i]` adjacent ones per prompt (a
+    group's responses share one packed copy of its prompt)."""
     g = torch.Generator().manual_seed(seed)
     items = []
-    for i in range(5):
+    for group, size in enumerate(group_sizes):
         prompt = torch.randint(0, 384, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g)
-        resp = torch.randint(0, 384, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
-        items.append(rl.Rollout(None, i, prompt.tolist(), resp.tolist(), torch.zeros(len(resp)),
-                                "stop", advantages=torch.full((len(resp),), float(i) - 2.0)))
+        for _ in range(size):
+            resp = torch.randint(0, 384, (int(torch.randint(1, 7, (1,), generator=g)),),
+                                 generator=g)
+            a = float(len(items)) - 3.0
+            items.append(rl.Rollout(None, group, prompt.tolist(), resp.tolist(),
+                                    torch.zeros(len(resp)), "stop",
+                                    advantages=torch.full((len(resp),), a)))
     return items
 
 
@@ -228,14 +234,55 @@ def test_update_sums_to_the_global_gradient_over_ranks(tmp_path, agg):
 
 def test_micro_batches_respect_the_token_budget():
     items = make_items(1)
+    shared = 0
     for budget in (1, 12, 20, 10_000):
         mbs = rl.micro_batches(items, budget, "cpu")
         assert [it for mb in mbs for it in mb.rollouts] == items
         for mb in mbs:
             assert len(mb.rollouts) == 1 or len(mb.ids) <= budget
             assert mb.targets.tolist() == [t for it in mb.rollouts for t in it.response_ids]
-            # the selected rows are those just before each response token
-            assert mb.ids[mb.select + 1].tolist() == mb.targets.tolist()
+            # each packed token once; a sequence's keys, gathered, are its prompt + response
+            unique = sum(len(it.response_ids) + len(it.prompt_ids) for it in mb.rollouts)
+            att = mb.attention
+            shared += att is not None
+            keys = mb.ids if att is None else mb.ids[att.kv_index]
+            cu_k = mb.cu_seqlens if att is None else att.cu_k
+            seqs = [keys[a:b].tolist() for a, b in zip(cu_k[:-1], cu_k[1:])]
+            assert seqs == [it.prompt_ids + it.response_ids for it in mb.rollouts]
+            assert len(mb.ids) < unique if att is not None else len(mb.ids) == unique
+            # a selected row is the token just before its target in that sequence
+            pos = mb.positions[mb.select]
+            assert (mb.positions[mb.select] + 1).tolist() == [
+                len(it.prompt_ids) + j for it in mb.rollouts for j in range(len(it.response_ids))]
+            assert mb.ids[mb.select].tolist() == [
+                (it.prompt_ids + it.response_ids)[q] for it, q in zip(
+                    [it for it in mb.rollouts for _ in it.response_ids], pos.tolist())]
+    assert shared
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+def test_shared_prompt_packing_equals_one_sequence_per_rollout(policy, backend, monkeypatch):
+    """A group's responses attending to one packed copy of its prompt give the log-probs and
+    gradients of every rollout packed whole, on both attention backends (flash: the double)."""
+    if backend == "flash":
+        import flash_attn_double
+        monkeypatch.setattr(M, "FLASH", flash_attn_double)
+    items = make_items(3, group_sizes=(4, 1, 3))
+    shared = rl.pack(items, "cpu")
+    assert shared.attention is not None and M.use_flash(shared.ids.float()) == (backend == "flash")
+    alone = [rl.pack([it], "cpu") for it in items]
+    assert all(mb.attention is None for mb in alone)
+    assert len(shared.ids) < sum(len(mb.ids) for mb in alone)
+    weights = torch.randn(len(shared.targets), generator=torch.Generator().manual_seed(0))
+
+    def run(mbs):
+        policy.zero_grad()
+        lp = torch.cat([rl.logprobs(policy, mb, 0.8, entropy=True)[0] for mb in mbs])
+        (lp * weights).sum().backward()
+        return lp.detach(), torch.cat([p.grad.flatten() for p in policy.parameters()])
+    (lp_s, g_s), (lp_a, g_a) = run([shared]), run(alone)
+    assert torch.allclose(lp_s, lp_a, atol=1e-5)
+    assert g_a.abs().sum() > 0 and torch.allclose(g_s, g_a, atol=1e-5)
 
 
 @pytest.mark.parametrize("flags,needle", [
