@@ -11,10 +11,9 @@ One forward serves every use:
     rollout.Decode write k/v into the KV cache and attend over it; `SharedPrefix` lets a group's
     responses attend to one packed copy of their prompt (training and scoring);
   - a model built with a value head (PPO critic) returns one value per token instead.
-Attention backend: flash-attn's varlen kernel on CUDA in fp16/bf16 when importable, else one SDPA
-call per packed sequence. `use_flash` is the one switch (tests inject a double).
+Attention backend: flash-attn's varlen kernel on CUDA in fp16/bf16 when importable, else SDPA
+over the sequences padded into one batch. `use_flash` is the one switch (tests inject a double).
 """
-import itertools
 import json
 import math
 import os
@@ -157,22 +156,34 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
     if use_flash(q):
         return FLASH.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k,
                                             causal=True)
-    # SDPA fallback: one call per sequence (a padded batch of them cost ~10% more of an update).
-    out = []
-    for (q0, q1), (k0, k1) in zip(itertools.pairwise(cu_seqlens.tolist()),
-                                  itertools.pairwise(cu_k.tolist())):
-        lq, lk = q1 - q0, k1 - k0
-        if lq == 0:
-            continue
-        mask = None  # top-left `is_causal` is exact when the queries are the keys
-        if lq != lk:
-            mask = (torch.arange(lk, device=q.device)
-                    <= torch.arange(lq, device=q.device)[:, None] + (lk - lq))  # (Lq, Lk)
-        o = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
-                                           v[k0:k1].transpose(0, 1), attn_mask=mask,
-                                           is_causal=mask is None, enable_gqa=True)  # (H, Lq, D)
-        out.append(o.transpose(0, 1))
-    return torch.cat(out) if out else q.new_zeros(q.shape)
+    # SDPA fallback: the sequences scattered into one right-padded batch, (S, max_seqlen) queries
+    # against (S, max_seqlen_k) keys; padded rows are computed and dropped. With the queries the
+    # keys (no shared prefix), top-left `is_causal` is exact for every row kept: a real query only
+    # sees keys j <= i, all real. Otherwise an explicit bottom-right mask. Cost O(S * Tq * Tk);
+    # one call per sequence instead measured slower on CPU (1.1x at 16 real sequences, 1.9x at
+    # 256 short ones) except where lengths differ most.
+    q_lens, k_lens = cu_seqlens.diff().long(), cu_k.diff().long()
+    qp, seq, off = _padded(q, cu_seqlens, q_lens, max_seqlen)  # (S, H, Tq, D)
+    kp, vp = (_padded(x, cu_k, k_lens, max_k)[0] for x in (k, v))  # (S, Hkv, Tk, D)
+    mask = None
+    if cu_seqlens_k is not None:
+        i = torch.arange(max_seqlen, device=q.device)[None, :, None]  # query row
+        j = torch.arange(max_k, device=q.device)[None, None, :]  # key row
+        shift = (k_lens - q_lens)[:, None, None]  # (S, 1, 1)
+        mask = ((j <= i + shift) & (j < k_lens[:, None, None]))[:, None]  # (S, 1, Tq, Tk)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
+                                         enable_gqa=True)  # (S, H, Tq, D)
+    return out.transpose(1, 2)[seq, off]  # (Nq, H, D)
+
+
+def _padded(x, cu: torch.Tensor, lens: torch.Tensor, width: int):
+    """Packed rows (N, h, D) -> right-padded (S, h, width, D), and each row's (sequence, offset)."""
+    n = x.shape[0]
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=x.device), lens, output_size=n)
+    off = torch.arange(n, device=x.device) - cu.long()[seq]  # (N,) position in its sequence
+    out = x.new_zeros(len(lens), width, *x.shape[1:])
+    out[seq, off] = x
+    return out.transpose(1, 2), seq, off
 
 
 @dataclass
