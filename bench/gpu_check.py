@@ -5,9 +5,9 @@
 
 Needs only torch and transformers (flash-attn is used when importable) and no network: the models
 are random-init, of real shapes, built here. It writes one JSON report and prints a short table:
-1. parity: medrl's forward (logits of packed sequences) and packed log-probs against transformers
-   on the same weights, in the run's dtype (bf16 on CUDA), at the Llama-3.2-1B and Llama-3.1-8B
-   shapes;
+1. parity: medrl's forward (logits of packed sequences) and packed log-probs (also with a group's
+   completions sharing one packed prompt) against transformers on the same weights, in the run's
+   dtype (bf16 on CUDA), at the Llama-3.2-1B and Llama-3.1-8B shapes;
 2. sampler: greedy tokens against transformers `generate` on short prompts; then throughput at
    --batch prompts x --new-tokens tokens, medrl against transformers in the same run, and medrl's
    decode steps against the bandwidth roofline (weight + KV bytes read per step over a measured
@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 import model as M
+import rl
 import rollout as R
 import tiny
 
@@ -83,7 +84,8 @@ def random_pair(shape: str, device, dtype):
 
 @torch.no_grad()
 def parity(ours, hf, cfg, device) -> dict:
-    """Logits of two packed sequences and their log-probs, medrl vs transformers."""
+    """Logits of two packed sequences and their log-probs, and log-probs of three completions of
+    one prompt packed with the prompt shared, medrl vs transformers."""
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (128, 77)]
     ids, pos, cu, max_seqlen = M.pack(seqs, device)
@@ -92,10 +94,22 @@ def parity(ours, hf, cfg, device) -> dict:
     targets = torch.roll(ids, -1)
     logp, _ = ours(ids, pos, cu, max_seqlen, targets=targets)
     ref_logp = ref.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    # One prompt's completions packed as training packs a group: the prompt once, each response
+    # attending to it (model.SharedPrefix; flash-attn's varlen kernel with fewer queries than keys).
+    group = [rl.Rollout(None, 0, seqs[1], seqs[0][:n], None, "stop") for n in (40, 9, 128)]
+    shared, _ = rl.logprobs(ours, rl.pack(group, device), temperature=1.0)
+    ref_shared = []
+    for r in group:
+        full = torch.tensor([r.prompt_ids + r.response_ids], device=device)
+        z = hf(full).logits[0, len(r.prompt_ids) - 1:-1].float()  # (R, V)
+        ref_shared.append(z.log_softmax(-1).gather(-1, full[0, len(r.prompt_ids):, None])[:, 0])
+    shared_diff = (shared.float() - torch.cat(ref_shared)).abs()
     return dict(logits_max_abs_diff=(logits - ref).abs().max().item(),
                 logits_max_abs=ref.abs().max().item(),
                 logprob_mean_abs_diff=(logp.float() - ref_logp).abs().mean().item(),
-                logprob_max_abs_diff=(logp.float() - ref_logp).abs().max().item())
+                logprob_max_abs_diff=(logp.float() - ref_logp).abs().max().item(),
+                shared_prefix_logprob_mean_abs_diff=shared_diff.mean().item(),
+                shared_prefix_logprob_max_abs_diff=shared_diff.max().item())
 
 
 @torch.no_grad()
@@ -266,12 +280,14 @@ def check_shape(shape: str, device, dtype, args) -> dict:
 
 def print_table(report: dict):
     print(f"\n{report['device']}, {report['dtype']}, flash-attn: {report['flash_attn']}")
-    print(f"{'shape':<10}{'logit diff':>12}{'logp diff':>11}{'greedy=':>9}{'medrl tok/s':>13}"
+    print(f"{'shape':<10}{'logit diff':>12}{'logp diff':>11}{'shared':>9}{'greedy=':>9}"
+          f"{'medrl tok/s':>13}"
           f"{'hf tok/s':>10}{'ratio':>7}{'step ms':>9}{'roofline':>10}")
     for shape, r in report["shapes"].items():
         t = r["throughput"]
         print(f"{shape:<10}{r['logits_max_abs_diff']:>12.2e}{r['logprob_mean_abs_diff']:>11.2e}"
-              f"{r['greedy_tokens_equal']:>9.0%}{t['medrl_tok_s']:>13,.0f}"
+              f"{r['shared_prefix_logprob_mean_abs_diff']:>9.1e}{r['greedy_tokens_equal']:>9.0%}"
+              f"{t['medrl_tok_s']:>13,.0f}"
               f"{t['transformers_tok_s']:>10,.0f}{t['ratio']:>7.2f}{t['decode_step_ms']:>9.2f}"
               f"{t['decode_roofline_fraction']:>10.0%}")
     g = report.get("grpo")

@@ -17,6 +17,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     for shape in ("tiny", "tiny-wide"):
         r = report["shapes"][shape]
         assert r["logits_max_abs_diff"] < 1e-4 and r["logprob_max_abs_diff"] < 1e-4  # fp32
+        assert r["shared_prefix_logprob_max_abs_diff"] < 1e-4
         assert r["greedy_tokens_equal"] == 1.0
         t = r["throughput"]
         assert t["medrl_tok_s"] > 0 and t["transformers_tok_s"] > 0 and t["decode_steps"] > 0
