@@ -263,7 +263,8 @@ def test_micro_batches_respect_the_token_budget():
 @pytest.mark.parametrize("backend", ["sdpa", "flash"])
 def test_shared_prompt_packing_equals_one_sequence_per_rollout(policy, backend, monkeypatch):
     """A group's responses attending to one packed copy of its prompt give the log-probs and
-    gradients of every rollout packed whole, on both attention backends (flash: the double)."""
+    gradients of every rollout packed whole, on both attention backends (flash: the double),
+    with activation checkpointing too."""
     if backend == "flash":
         import flash_attn_double
         monkeypatch.setattr(M, "FLASH", flash_attn_double)
@@ -283,6 +284,9 @@ def test_shared_prompt_packing_equals_one_sequence_per_rollout(policy, backend, 
     (lp_s, g_s), (lp_a, g_a) = run([shared]), run(alone)
     assert torch.allclose(lp_s, lp_a, atol=1e-5)
     assert g_a.abs().sum() > 0 and torch.allclose(g_s, g_a, atol=1e-5)
+    monkeypatch.setattr(policy, "gradient_checkpointing", True)  # the record survives recompute
+    lp_c, g_c = run([shared])
+    assert torch.allclose(lp_c, lp_s, atol=1e-6) and torch.allclose(g_c, g_s, atol=1e-6)
 
 
 @pytest.mark.parametrize("flags,needle", [
