@@ -372,7 +372,9 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_h, grad_w = torch.empty_like(hidden), torch.zeros_like(weight, dtype=torch.float32)
         for i in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(i, i + ctx.chunk)
-            z = (hidden[sl] @ weight.t()).float() / ctx.temperature  # (C, V), recomputed
+            z = (hidden[sl] @ weight.t()).float()  # (C, V), recomputed
+            if ctx.temperature != 1.0:
+                z.div_(ctx.temperature)
             p = torch.exp(z - lse[sl, None])
             if ctx.entropy:
                 z.sub_(mean_z[sl, None]).mul_(p).mul_(-g_ent[sl, None])  # entropy part
@@ -380,7 +382,8 @@ class _TokenLogprobs(torch.autograd.Function):
                 z.zero_()
             z.sub_(p.mul_(g_logp[sl, None]))  # - g * p
             z.scatter_add_(-1, targets[sl, None], g_logp[sl, None])  # + g * onehot
-            z.div_(ctx.temperature)  # dL/d(h @ W.T)
+            if ctx.temperature != 1.0:
+                z.div_(ctx.temperature)  # dL/d(h @ W.T)
             grad_h[sl] = (z @ weight.float()).to(hidden.dtype)
             grad_w.addmm_(z.t(), hidden[sl].float())
         return grad_h, grad_w.to(weight.dtype), None, None, None, None

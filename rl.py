@@ -161,7 +161,7 @@ class MicroBatch:
 def _shares_prompt(r: Rollout, previous: Rollout | None) -> bool:
     """Whether r's prompt is the one just packed (the samples of a group are adjacent)."""
     return (previous is not None and len(r.response_ids) > 0
-            and (r.prompt_ids is previous.prompt_ids or r.prompt_ids == previous.prompt_ids))
+            and r.prompt_ids == previous.prompt_ids)
 
 
 def micro_batches(rollouts: list[Rollout], token_budget: int, device) -> list[MicroBatch]:

@@ -213,9 +213,9 @@ class Decode:
                 q[:, None], cache.k[layer], cache.v[layer], k[:, None], v[:, None],
                 cache_seqlens=self.lens, cache_batch_idx=self.rows, causal=True)  # appends k/v
             return out[:, 0]
-        rows, lens = self.rows.long(), self.lens.long()
-        cache.k[layer, rows, :, :, lens] = k  # indices split by slices: (B, Hkv, D) as given
-        cache.v[layer, rows, :, lens] = v
+        # int32 indices as they are (no per-layer conversion); split by slices: (B, Hkv, D)
+        cache.k[layer, self.rows, :, :, self.lens] = k
+        cache.v[layer, self.rows, :, self.lens] = v
         out = torch.empty_like(q)
         for seg in self.segments:
             out[seg.r0:seg.r1] = self._segment(layer, q, seg)

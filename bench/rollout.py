@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root
 import torch
 import torch.nn.functional as F
+from timing import best_seconds  # bench/timing.py (this script's own folder is on sys.path)
 
 import model as M
 import rollout as R
@@ -163,17 +164,6 @@ def run_hf(hf, prompts, args, pad_id=0):
                       logits_processor=LogitsProcessorList([Stamp()]))
     assert out.shape == (len(prompts) * args.n, longest + args.new_tokens), out.shape
     return time.perf_counter() - t, stamps[0] - t
-
-
-def best_seconds(fn, reps: int = 5) -> float:
-    """Fastest of `reps` timed calls after a warm-up call (the least disturbed by other load)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def machine_limits(model, rows: int, copy_mb: int):
