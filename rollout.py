@@ -5,17 +5,19 @@ generate(model, prompts, Sampling(n=...), ...) -> list[Sample], prompt-major (pr
 contiguous). `Sampling` holds the settings; trainers and evaluate.py build one and pass it.
 
 - KVCache: preallocated k and v for a slot count set by a token budget (`max_cache_tokens`), in
-  flash-attn's token-major layout when flash-attn runs the model, else head-major (KVCache).
+  flash-attn's token-major layout when flash-attn runs the model, else head-major (KVCache);
+  head-major with n > 1 holds each group's prompt once ("shared": an entry its slots read).
 - Prefill: the admitted prompts are packed (no padding) and run once each; every layer copies a
-  prompt's k/v into all the slots of its samples (a group of n shares one pass).
+  prompt's k/v into its entry, or into all the slots of its samples (a group shares one pass).
 - Decode: one token for every occupied slot per step, each at its own position. A finished slot is
   refilled from the queue (continuous batching). Free slots always take the next waiting samples,
   even part of a prompt's n (the rest come in later, with a second prefill of that prompt).
 - Attention over the cache: flash-attn's `flash_attn_with_kvcache` (in-place append, per-slot
   `cache_seqlens`) when `model.use_flash` says so; else grouped-query batched matmuls over runs
   of slots ("segments", slots assigned shortest prompt first), each read only up to its own
-  longest row. `Prefill` / `Decode` are records passed as the forward's `attention=`; the model
-  calls their `attend`.
+  longest row, and with a shared cache over runs of entries, a group's rows the query rows of
+  one matmul against its prompt (the two parts merged by their log-sum-exps). `Prefill` /
+  `Decode` are records passed as the forward's `attention=`; the model calls their `attend`.
 - Sampling: temperature (0 = greedy), top-k, top-p, as small pure functions; one uniform number
   per (completion, step) from a counter-based hash of (seed, prompt index, sample index, step)
   picks the token by inverse CDF: a completion is the same whatever the batch, slot count or
@@ -150,37 +152,56 @@ def _last_positive(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """k/v for `slots` sequences of up to `max_len` tokens. flash layout: k and v
-    `(layers, slots, max_len, Hkv, D)`, what flash_attn_with_kvcache reads and appends to. Else
-    head-major, keys transposed: k `(layers, slots, Hkv, D, max_len)`, v `(layers, slots, Hkv,
-    max_len, D)`: a run of slots up to L positions is a strided view that q @ k and p @ v read as
-    batched matmuls, no copy (D-major keys: 2x faster q @ k than (L, D) keys, on CPU)."""
+    """k/v for `slots` sequences: a prompt of up to `prompt_len` tokens, then up to `new_len`
+    sampled ones. flash layout: k and v `(layers, slots, prompt_len + new_len, Hkv, D)`, what
+    flash_attn_with_kvcache reads and appends to. Else head-major, keys transposed: k `(layers,
+    rows, Hkv, D, len)`, v `(layers, rows, Hkv, len, D)`: a run of rows up to L positions is a
+    strided view that q @ k and p @ v read as batched matmuls, no copy (D-major keys: 2x faster
+    q @ k than (L, D) keys, on CPU). `shared` (head-major only): `pk`, `pv` hold each admitted
+    prompt once, in an "entry" that the slots sampling from it share (`slots` entries: never more
+    are in use), and `k`, `v` each slot's sampled tokens. Otherwise a prompt is copied into each
+    slot of its samples (`pk`, `pv` are `k`, `v`). The same bytes in every layout."""
 
-    def __init__(self, cfg: M.ModelConfig, slots: int, max_len: int, device, dtype, flash: bool):
-        layers, hkv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-        kshape = (layers, slots, max_len, hkv, d) if flash else (layers, slots, hkv, d, max_len)
-        vshape = (layers, slots, max_len, hkv, d) if flash else (layers, slots, hkv, max_len, d)
-        # zeros: a segment reads past its shorter rows' ends, where 0 * p must not meet a NaN
-        self.k = torch.zeros(kshape, device=device, dtype=dtype)
-        self.v = torch.zeros(vshape, device=device, dtype=dtype)
-        self.slots, self.max_len, self.flash = slots, max_len, flash
+    def __init__(self, cfg: M.ModelConfig, slots: int, prompt_len: int, new_len: int, device,
+                 dtype, flash: bool, shared: bool = False):
+        hkv, d = cfg.num_key_value_heads, cfg.head_dim
+
+        def zeros(*shape):  # zeros: a read past a shorter row's end, where 0 * p must meet no NaN
+            return torch.zeros((cfg.num_hidden_layers, slots) + shape, device=device, dtype=dtype)
+        self.slots, self.flash, self.shared = slots, flash, shared and not flash
+        if flash:
+            self.k, self.v = (zeros(prompt_len + new_len, hkv, d) for _ in "kv")
+        elif self.shared:
+            self.pk, self.pv = zeros(hkv, d, prompt_len), zeros(hkv, prompt_len, d)
+            self.k, self.v = zeros(hkv, d, new_len), zeros(hkv, new_len, d)
+        else:
+            total = prompt_len + new_len
+            self.k, self.v = zeros(hkv, d, total), zeros(hkv, total, d)
+        if not self.shared:
+            self.pk, self.pv = self.k, self.v
+
+    @property
+    def nbytes(self) -> int:
+        tensors = {id(t): t for t in (self.k, self.v, self.pk, self.pv)}.values()
+        return sum(t.nbytes for t in tensors)
 
     def write_prompt(self, layer: int, first: int, end: int, k, v):
-        """Store a prompt's k, v (T, Hkv, D) at positions [0, T) of slots [first, end)."""
+        """Store a prompt's k, v (T, Hkv, D) at positions [0, T) of prompt rows [first, end):
+        entries when `shared`, else slots."""
         t = k.shape[0]
         if self.flash:
-            self.k[layer, first:end, :t] = k
-            self.v[layer, first:end, :t] = v
-        else:  # transposed once, then copied to each slot
-            self.k[layer, first:end, :, :, :t] = k.permute(1, 2, 0).contiguous()  # (Hkv, D, T)
-            self.v[layer, first:end, :, :t] = v.transpose(0, 1).contiguous()  # (Hkv, T, D)
+            self.pk[layer, first:end, :t] = k
+            self.pv[layer, first:end, :t] = v
+        else:  # transposed once, then copied to each row
+            self.pk[layer, first:end, :, :, :t] = k.permute(1, 2, 0).contiguous()  # (Hkv, D, T)
+            self.pv[layer, first:end, :, :t] = v.transpose(0, 1).contiguous()  # (Hkv, T, D)
 
 
 @dataclass
 class Prefill:
     """One packed forward over the admitted prompts: every layer copies a prompt's k/v (packed
-    tokens [t0, t1)) into each run of slots [first, end) of its samples, one broadcast copy per
-    run (a gather of every (slot, token) pair was 3x slower on CPU)."""
+    tokens [t0, t1)) into the prompt rows [first, end) (KVCache.write_prompt), one broadcast copy
+    per run (a gather of every (slot, token) pair was 3x slower on CPU)."""
     cache: KVCache
     cu_seqlens: torch.Tensor  # (P+1,) int32, the packed prompts
     max_seqlen: int
@@ -192,19 +213,32 @@ class Prefill:
         return M.varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen)
 
 
-# Batch rows [r0, r1), in cache slots first.. first + r1 - r0, read up to `keys` positions;
-# `mask` (rows * Hkv, 1, keys) is added to q.k: 0 where a row may attend, -inf elsewhere.
+# Batch rows [r0, r1), in cache slots first.. first + r1 - r0, read up to `keys` sampled tokens;
+# `mask` (rows * Hkv, 1, keys) float32, added to the scores: 0 where a row may attend, -inf
+# elsewhere (None: it may everywhere).
 Segment = namedtuple("Segment", "first r0 r1 keys mask")
+# Prompt entries first.. first + n - 1 read up to `keys` positions by `width` query rows each:
+# `index` (n * width,) names them, batch rows, B (a padding row) where an entry has fewer; their
+# outputs are rows start.. start + n * width of the step's prompt outputs.
+PromptSegment = namedtuple("PromptSegment", "first n width keys mask index start")
 
 
 @dataclass
 class Decode:
-    """One new token for each of `rows` (cache slots), appended after the `lens` tokens they hold:
-    one flash-attn call over all rows, or batched matmuls per segment (head-major)."""
+    """One new token for each of `rows` (cache slots), at position `lens` (the tokens before it).
+    flash: one flash-attn call over all rows, their prompts in their slots. Head-major: the new
+    k/v go to index `new` of the slot (= `lens`, or with a shared cache the count of sampled
+    tokens before it); each row attends to its slot (per Segment, a run of slots) and, with a
+    shared cache, to its prompt's entry (per PromptSegment: a group's rows are the query rows of
+    one matmul against its prompt, read once for the group), the two merged by their
+    log-sum-exps: the softmax over all the row's keys, exact up to rounding."""
     cache: KVCache
     rows: torch.Tensor  # (B,) int32 slots
-    lens: torch.Tensor  # (B,) int32 tokens already cached = the new token's position
-    segments: list[Segment]
+    lens: torch.Tensor  # (B,) int32 tokens before the new one = its position
+    new: torch.Tensor = None  # (B,) int32 where the new k/v go in the slot (head-major)
+    segments: list[Segment] = ()
+    prompt_segments: list[PromptSegment] = ()
+    prompt_rows: torch.Tensor = None  # (B,) each row's place in the prompt outputs
 
     def attend(self, layer: int, q, k, v):  # q (B, H, D): one new token per row
         cache = self.cache
@@ -214,26 +248,58 @@ class Decode:
                 cache_seqlens=self.lens, cache_batch_idx=self.rows, causal=True)  # appends k/v
             return out[:, 0]
         # int32 indices as they are (no per-layer conversion); split by slices: (B, Hkv, D)
-        cache.k[layer, self.rows, :, :, self.lens] = k
-        cache.v[layer, self.rows, :, self.lens] = v
-        out = torch.empty_like(q)
-        for seg in self.segments:
-            out[seg.r0:seg.r1] = self._segment(layer, q, seg)
-        return out
+        cache.k[layer, self.rows, :, :, self.new] = k
+        cache.v[layer, self.rows, :, self.new] = v
+        b, h, d = q.shape
+        hkv, g = cache.k.shape[2], h // cache.k.shape[2]
+        q = q * d ** -0.5  # the softmax scale, once
+        own, own_lse = q.new_empty(b, h, d), q.new_empty(b, h, dtype=torch.float32)
+        for seg in self.segments:  # the slots: g = H / Hkv query rows per KV head
+            n = seg.r1 - seg.r0
+            kt = cache.k[layer, seg.first:seg.first + n, :, :, :seg.keys]  # (n, Hkv, D, keys)
+            vs = cache.v[layer, seg.first:seg.first + n, :, :seg.keys]  # (n, Hkv, keys, D)
+            lse = _attend(q[seg.r0:seg.r1].view(n * hkv, g, d), kt, vs, seg.mask,
+                          own[seg.r0:seg.r1].view(n * hkv, g, d))
+            own_lse[seg.r0:seg.r1] = lse.view(n, h)
+        if not cache.shared:
+            return own
+        # the prompts: row b of `padded` is padding (zero queries in, outputs dropped)
+        padded = torch.cat([q, q.new_zeros(1, h, d)])
+        last = self.prompt_segments[-1]
+        total = last.start + last.n * last.width
+        shared, shared_lse = q.new_empty(total, h, d), q.new_empty(total, h, dtype=torch.float32)
+        for seg in self.prompt_segments:  # an entry's w rows x g query heads per KV head
+            n, w, at = seg.n, seg.width, slice(seg.start, seg.start + seg.n * seg.width)
+            qs = padded[seg.index].view(n, w, hkv, g, d).transpose(1, 2)  # (n, Hkv, w, g, D)
+            kt = cache.pk[layer, seg.first:seg.first + n, :, :, :seg.keys]  # (n, Hkv, D, keys)
+            vs = cache.pv[layer, seg.first:seg.first + n, :, :seg.keys]  # (n, Hkv, keys, D)
+            o = q.new_empty(n * hkv, w * g, d)
+            lse = _attend(qs.reshape(n * hkv, w * g, d), kt, vs, seg.mask, o)
+            shared[at].view(n, w, hkv, g, d).copy_(o.view(n, hkv, w, g, d).transpose(1, 2))
+            shared_lse[at].view(n, w, hkv, g).copy_(lse.view(n, hkv, w, g).transpose(1, 2))
+        shared, shared_lse = shared[self.prompt_rows], shared_lse[self.prompt_rows]
+        # softmax weights of the two parts: e^a / (e^a + e^b) = sigmoid(a - b)
+        weight = (own_lse - shared_lse).sigmoid_()[..., None]  # (B, H, 1)
+        return torch.lerp(shared.float(), own.float(), weight).to(q.dtype)
 
-    def _segment(self, layer: int, q, seg: Segment):
-        """Grouped-query attention of one segment: the g = H / Hkv query heads of a KV head
-        are g rows of one matmul against that head's keys, so K/V are read once, never repeated.
-        q (B, H, D) -> (r1 - r0, H, D)."""
-        n, hkv, d = seg.r1 - seg.r0, self.cache.k.shape[2], q.shape[-1]
-        qg = q[seg.r0:seg.r1].view(n * hkv, -1, d)  # (n * Hkv, g, D)
-        kt = self.cache.k[layer, seg.first:seg.first + n, :, :, :seg.keys]  # (n, Hkv, D, keys)
-        vs = self.cache.v[layer, seg.first:seg.first + n, :, :seg.keys]  # (n, Hkv, keys, D)
-        kt = kt.view(n * hkv, d, seg.keys)  # (n * Hkv, D, keys): a view, no copy
-        vs = vs.view(n * hkv, seg.keys, d)  # (n * Hkv, keys, D): a view, no copy
-        s = torch.baddbmm(seg.mask, qg, kt, alpha=d ** -0.5)  # (n * Hkv, g, keys)
-        p = s.float().softmax(-1).to(s.dtype)  # in float32 for bf16/fp16, as transformers does
-        return torch.bmm(p, vs).view(n, -1, d)  # (n, H, D)
+
+def _attend(qg, kt, vs, mask, out):
+    """Attention of query rows qg (N, M, D), already scaled, over keys kt (N', Hkv, D, L) and
+    values vs (N', Hkv, L, D) (views: N' x Hkv = N), plus mask (N, 1, L) or None: writes the
+    output to `out` (N, M, D) and returns the log-sum-exp of each row's scores (N, M), float32
+    (the softmax in float32, as transformers does)."""
+    n, _, d = qg.shape
+    keys = kt.shape[-1]
+    kt, vs = kt.view(n, d, keys), vs.view(n, keys, d)  # views: a run of rows is one stride
+    s = torch.bmm(qg, kt).float()  # (N, M, L)
+    if mask is not None:
+        s.add_(mask)  # (a broadcast masked_fill_ measured 5x slower on CPU)
+    top = s.amax(-1, keepdim=True)  # (N, M, 1)
+    p = s.sub_(top).exp_()  # unnormalised: one pass, normalised on the (N, M, D) output
+    total = p.sum(-1, keepdim=True)
+    torch.bmm(p.to(vs.dtype), vs, out=out)
+    out.div_(total.to(out.dtype))
+    return (top + total.log()).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- generate
@@ -273,15 +339,19 @@ class _Run:
         self.queue = [(p, list(range(n))) for p in range(len(prompts))]  # waiting, prompt order
         self.slot_of = {}  # slot -> completion (prompt_idx, sample_idx)
         self.free = list(range(cache.slots))
+        self.entry_of = {}  # slot -> the entry holding its prompt (head-major cache)
+        self.entry_rows = {}  # entry -> its occupied slots
+        self.free_entries = list(range(cache.slots))
         self.tokens = {}  # completion -> response ids
         self.logps = {}
         self.done = {}  # completion -> finish reason
         self.seed, self.prompt_offset = seed, prompt_offset
 
     def admit(self):
-        """Take waiting completions, in order, into every free slot (part of a group if need be).
-        The slots taken go to the shortest prompts first (ties in order), so that neighbouring
-        slots hold similar lengths: decode reads little past a row's end (_segments)."""
+        """Take waiting completions, in order, into every free slot (part of a group if need be);
+        each admitted prompt gets an entry. Slots and entries go to the shortest prompts first
+        (ties in order), so that neighbours hold similar lengths: decode reads little past a
+        row's end (_plan_segments). Returns (prompt_idx, sample indices, slots, entry)."""
         batch, room = [], len(self.free)  # (prompt_idx, sample indices)
         while self.queue and room:
             p, samples = self.queue.pop(0)
@@ -291,20 +361,49 @@ class _Run:
             room -= len(batch[-1][1])
         slots = sorted(self.free[:len(self.free) - room])
         self.free = self.free[len(self.free) - room:]
+        self.free_entries.sort()  # the lowest: entries in use stay adjacent
+        entries, self.free_entries = (self.free_entries[:len(batch)],
+                                      self.free_entries[len(batch):])
         for i in sorted(range(len(batch)), key=lambda i: len(self.prompts[batch[i][0]])):
-            batch[i], slots = (*batch[i], slots[:len(batch[i][1])]), slots[len(batch[i][1]):]
+            p, samples = batch[i]
+            batch[i] = (p, samples, slots[:len(samples)], entries.pop(0))
+            slots = slots[len(samples):]
+            self.entry_rows[batch[i][3]] = len(samples)
+            self.entry_of.update(dict.fromkeys(batch[i][2], batch[i][3]))
         return batch
+
+    def release(self, slot: int):
+        """A finished slot is free, and its entry once no slot reads it."""
+        del self.slot_of[slot]
+        self.free.append(slot)
+        entry = self.entry_of.pop(slot)
+        self.entry_rows[entry] -= 1
+        if not self.entry_rows[entry]:
+            del self.entry_rows[entry]
+            self.free_entries.append(entry)
+
+    def kv_tokens(self, slots) -> int:
+        """Tokens of K/V a decode step of `slots` reads: every slot's sampled tokens, and each
+        entry in use once (shared cache) or each slot's prompt."""
+        sampled = sum(len(self.tokens[self.slot_of[s]]) for s in slots)
+        if not self.cache.shared:
+            return sampled + sum(len(self.prompts[self.slot_of[s][0]]) for s in slots)
+        entries = {self.entry_of[s]: self.slot_of[s][0] for s in slots}
+        return sampled + sum(len(self.prompts[p]) for p in entries.values())
 
 
 def _prefill(model, run: _Run, batch):
     """One packed forward over the admitted prompts; returns each new slot's next-token logits."""
-    ids, pos, cu, max_seqlen = M.pack([run.prompts[p] for p, _, _ in batch], run.device)
+    ids, pos, cu, max_seqlen = M.pack([run.prompts[p] for p, _, _, _ in batch], run.device)
     runs, t0, new_slots, rows = [], 0, [], []
-    for i, (p, samples, slots) in enumerate(batch):
+    for i, (p, samples, slots, entry) in enumerate(batch):
         t1 = t0 + len(run.prompts[p])
         for s, j in zip(slots, samples):
             run.slot_of[s] = (p, j)
             run.tokens[(p, j)], run.logps[(p, j)] = [], []
+        if run.cache.shared:  # the prompt once, in its entry
+            runs.append((entry, entry + 1, t0, t1))
+        for s in () if run.cache.shared else slots:  # the prompt in each slot
             if runs and runs[-1][1] == s and runs[-1][2] == t0:  # the run goes on
                 runs[-1] = (runs[-1][0], s + 1, t0, t1)
             else:
@@ -325,7 +424,8 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
     vocab = model.config.vocab_size
     stop_ids = sorted(set(stop_ids_for(model) if stop_ids is None else stop_ids))
     _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens)
-    max_len = max(len(p) for p in prompts) + max_new_tokens
+    prompt_len = max(len(p) for p in prompts)
+    max_len = prompt_len + max_new_tokens
     slots = min(sampling.max_cache_tokens // max_len, n * len(prompts))
     if slots < 1:
         raise ValueError(f"max_cache_tokens={sampling.max_cache_tokens} cannot hold one sequence "
@@ -333,8 +433,10 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
     embed = model.model.embed_tokens.weight
     device, dtype = embed.device, embed.dtype
     # The cache layout follows the attention backend, decided once: flash-attn's where
-    # model.use_flash picks it (the dtype and device of every q), else head-major.
-    cache = KVCache(model.config, slots, max_len, device, dtype, flash=M.use_flash(embed))
+    # model.use_flash picks it (the dtype and device of every q), else head-major, with a group's
+    # prompt held once when there are groups (n > 1; for n = 1, one read per slot costs less).
+    cache = KVCache(model.config, slots, prompt_len, max_new_tokens, device, dtype,
+                    flash=M.use_flash(embed), shared=n > 1)
     run = _Run(prompts, n, cache, sampling.seed, prompt_offset, device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     last = {}  # slot -> last sampled token, fed back next step
@@ -351,8 +453,8 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
         finished = _sample_step(run, slots_now, logits, stops, last, sampling)
         bar.update(len(finished))
         for s in finished:
-            del run.slot_of[s], last[s]
-            run.free.append(s)
+            run.release(s)
+            del last[s]
         slots_now = sorted(run.slot_of)
         if slots_now:
             logits = _decode(model, run, slots_now, last)
@@ -389,15 +491,22 @@ def _sample_step(run: _Run, slots, logits, stops, last, sampling: Sampling):
 def _decode(model, run: _Run, slots, last):
     """One decode step for the occupied slots: logits (B, V) for their next tokens."""
     dev = run.device
-    # Tokens already cached = the new token's position: the prompt and every sampled token but
-    # the last, which this step feeds in.
-    host_lens = [len(run.prompts[p]) + len(run.tokens[(p, j)]) - 1
-                 for p, j in map(run.slot_of.get, slots)]
+    comps = [run.slot_of[s] for s in slots]
+    # Sampled tokens already cached: all but the last, which this step feeds in.
+    host_new = [len(run.tokens[c]) - 1 for c in comps]
+    host_lens = [len(run.prompts[p]) + t for (p, _), t in zip(comps, host_new)]  # positions
     rows = torch.tensor(slots, dtype=torch.int32, device=dev)
     lens = torch.tensor(host_lens, dtype=torch.int32, device=dev)
-    segments = [] if run.cache.flash else _segments(run.cache, slots, host_lens, lens)
     ids = torch.tensor([last[s] for s in slots], device=dev)
-    return model(ids, lens.long(), attention=Decode(run.cache, rows, lens, segments))  # (B, V)
+    if run.cache.flash:
+        return model(ids, lens.long(), attention=Decode(run.cache, rows, lens))  # (B, V)
+    if not run.cache.shared:  # a slot holds its prompt: the new k/v go at their position
+        decode = Decode(run.cache, rows, lens, lens, _segments(run.cache, slots, host_lens, lens))
+        return model(ids, lens.long(), attention=decode)  # (B, V)
+    new = torch.tensor(host_new, dtype=torch.int32, device=dev)
+    decode = Decode(run.cache, rows, lens, new, _segments(run.cache, slots, host_new, new),
+                    *_prompt_segments(run, slots))
+    return model(ids, lens.long(), attention=decode)  # (B, V)
 
 
 # One more segment costs about as much as reading this many more keys of one row (its ~5 calls
@@ -427,15 +536,50 @@ def _plan_segments(slots: list[int], keys: list[int], cost: int) -> list[tuple[i
     return runs[::-1]
 
 
-def _segments(cache: KVCache, slots: list[int], host_lens: list[int], lens) -> list[Segment]:
-    """The head-major decode's segments (runs of slots, how far to read) and their masks."""
-    dev, hkv = lens.device, cache.v.shape[2]
-    keys = [n + 1 for n in host_lens]  # a row attends its cached tokens and its new one
+def _segment_cost(device) -> int:
+    return SEGMENT_COST.get(torch.device(device).type, 1 << 20)
+
+
+def _segments(cache: KVCache, slots: list[int], host_new: list[int], new) -> list[Segment]:
+    """Segments (runs of slots, how far to read) and masks; `new` (B,) and `host_new`: where
+    each row's new token goes in its slot."""
+    keys = [n + 1 for n in host_new]  # a row attends its cached tokens and its new one
     out = []
-    for i, j in _plan_segments(slots, keys, SEGMENT_COST.get(dev.type, 1 << 20)):
-        allowed = torch.arange(max(keys[i:j]), device=dev) <= lens[i:j, None]  # (rows, keys)
-        mask = torch.zeros(allowed.shape, dtype=cache.v.dtype, device=dev)
-        mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None]  # (rows, 1, 1, keys)
-        mask = mask.expand(-1, hkv, 1, -1).reshape((j - i) * hkv, 1, -1)  # (rows * Hkv, 1, keys)
-        out.append(Segment(slots[i], i, j, allowed.shape[1], mask))
+    for i, j in _plan_segments(slots, keys, _segment_cost(new.device)):
+        width = max(keys[i:j])
+        mask = _mask(torch.arange(width, device=new.device) > new[i:j, None], cache)
+        out.append(Segment(slots[i], i, j, width, mask))
     return out
+
+
+def _prompt_segments(run: _Run, slots: list[int]):
+    """Segments (runs of entries, how far to read, which rows ask) over the rows' prompts, and
+    each row's place in their outputs."""
+    rows_of = {}  # entry -> batch rows reading it
+    for i, s in enumerate(slots):
+        rows_of.setdefault(run.entry_of[s], []).append(i)
+    entries = sorted(rows_of)
+    keys = [len(run.prompts[run.slot_of[slots[rows_of[e][0]]][0]]) for e in entries]
+    out, dev, pad, place = [], run.device, len(slots), [0] * len(slots)
+    for i, j in _plan_segments(entries, keys, _segment_cost(dev)):
+        width = max(len(rows_of[e]) for e in entries[i:j])
+        start = out[-1].start + out[-1].n * out[-1].width if out else 0
+        index = [r for e in entries[i:j] for r in rows_of[e] + [pad] * (width - len(rows_of[e]))]
+        for at, r in enumerate(index):
+            if r != pad:
+                place[r] = start + at
+        mask = _mask(torch.arange(max(keys[i:j]), device=dev) >= torch.tensor(
+            keys[i:j], device=dev)[:, None], run.cache)
+        out.append(PromptSegment(entries[i], j - i, width, max(keys[i:j]), mask,
+                                 torch.tensor(index, device=dev), start))
+    return out, torch.tensor(place, device=dev)
+
+
+def _mask(outside, cache: KVCache):
+    """(rows, keys) bool, True where a row may not attend -> the additive float32 mask
+    (rows * Hkv, 1, keys), or None when it is False everywhere."""
+    if not bool(outside.any()):
+        return None
+    mask = torch.zeros(outside.shape, device=outside.device).masked_fill_(outside, float("-inf"))
+    hkv = cache.v.shape[2]
+    return mask[:, None, None].expand(-1, hkv, 1, -1).reshape(-1, 1, outside.shape[1])

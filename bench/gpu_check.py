@@ -154,7 +154,8 @@ def throughput(ours, hf, cfg, device, batch: int, new_tokens: int) -> dict:
 
 
 class DecodeProbe:
-    """Times rollout._decode (device-synchronised) and counts the KV tokens each step reads."""
+    """Times rollout._decode (device-synchronised) and counts the KV tokens each step reads (a
+    prompt that a group shares once, on the head-major layout)."""
 
     def __enter__(self):
         self.steps, self.seconds, self.kv_tokens, self.real = 0, 0.0, 0, R._decode
@@ -167,8 +168,7 @@ class DecodeProbe:
             sync(device)
             self.seconds += time.perf_counter() - t
             self.steps += 1
-            self.kv_tokens += sum(len(run.prompts[p]) + len(run.tokens[(p, j)])
-                                  for p, j in map(run.slot_of.get, slots))
+            self.kv_tokens += run.kv_tokens(slots)
             return out
         R._decode = timed
         return self

@@ -56,7 +56,8 @@ class Probe:
 
     def __enter__(self):
         R_, self.prefill_s, self.prefill_tokens = self.R, 0.0, 0
-        self.steps, self.rows, self.peak_rows, self.kv_tokens = 0, 0, 0, 0
+        # KV tokens read (a shared prompt once) and attended (every row's prompt and tokens)
+        self.steps, self.rows, self.peak_rows, self.kv_tokens, self.attended = 0, 0, 0, 0, 0
         self.t = dict.fromkeys(["decode", "forward", "attention", "linear", "lm_head",
                                 "sample_step", "sampling"], 0.0)
         self.orig = prefill, decode = R_._prefill, R_._decode
@@ -66,14 +67,15 @@ class Probe:
             t = time.perf_counter()
             out = prefill(model, run, batch)
             self.prefill_s += time.perf_counter() - t
-            self.prefill_tokens += sum(len(run.prompts[p]) for p, _, _ in batch)
+            self.prefill_tokens += sum(len(run.prompts[b[0]]) for b in batch)
             return out
 
-        def counted_decode(model, run, slots, last):  # a row attends over its prompt + tokens
+        def counted_decode(model, run, slots, last):
             self.steps, self.rows = self.steps + 1, self.rows + len(slots)
             self.peak_rows = max(self.peak_rows, len(slots))
-            self.kv_tokens += sum(len(run.prompts[p]) + len(run.tokens[(p, j)])
-                                  for p, j in map(run.slot_of.get, slots))
+            self.kv_tokens += kv_tokens_read(run, slots)
+            self.attended += sum(len(run.prompts[p]) + len(run.tokens[(p, j)])
+                                 for p, j in map(run.slot_of.get, slots))
             self.in_decode = True
             t = time.perf_counter()
             out = decode(model, run, slots, last)
@@ -131,6 +133,15 @@ class Probe:
         self.R.Decode.attend, self.R.sample_tokens, self.R._sample_step = self.orig_parts
         for h in self.hooks:
             h.remove()
+
+
+def kv_tokens_read(run, slots) -> int:
+    """KV tokens a decode step reads: rollout's own count, or for an older rollout.py (no
+    `_Run.kv_tokens`) each row's prompt and tokens."""
+    if hasattr(run, "kv_tokens"):
+        return run.kv_tokens(slots)
+    return sum(len(run.prompts[p]) + len(run.tokens[(p, j)])
+               for p, j in map(run.slot_of.get, slots))
 
 
 def run_medrl(rollout, model, prompts, args):
@@ -195,14 +206,15 @@ def rooflines(model, probe: Probe, decode_tps: float, copy_mb: int):
     kv_bytes *= elem
     bw, flop_s = machine_limits(model, mean_rows, copy_mb)
     mem_tps = rows / ((steps * weight_bytes + kv_bytes) / bw)
-    attn_flops = 4 * probe.kv_tokens * cfg.num_hidden_layers * cfg.num_attention_heads
+    attn_flops = 4 * probe.attended * cfg.num_hidden_layers * cfg.num_attention_heads
     attn_flops *= cfg.head_dim
     matmul_weights = sum(m.weight.numel() for m in model.modules()
                          if isinstance(m, torch.nn.Linear))
     flops = 2 * rows * matmul_weights + attn_flops
     cpu_tps = rows / (flops / flop_s)
     print(f"medrl decode: {steps} steps, active rows peak {probe.peak_rows}, "
-          f"mean {rows / steps:.1f}, mean KV tokens per row {probe.kv_tokens / rows:.0f}")
+          f"mean {rows / steps:.1f}, mean KV tokens per row attended "
+          f"{probe.attended / rows:.0f}, read {probe.kv_tokens / rows:.0f} (a shared prompt once)")
     print(f"memory roofline : {weight_bytes / 2**20:.0f} MiB weights + "
           f"{kv_bytes / steps / 2**20:.0f} MiB KV per step at {bw / 1e9:.1f} GB/s (copy_) "
           f"-> {mem_tps:,.0f} tok/s; medrl decode at {100 * decode_tps / mem_tps:.1f}%")

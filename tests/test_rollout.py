@@ -121,22 +121,63 @@ def test_flash_kvcache_path_matches_sdpa(llama, monkeypatch):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
 
+def training_logprobs(model, samples, temperature=1.0):
+    """Log-probs of each sample's response tokens from one packed training forward."""
+    seqs = [s.prompt_ids + s.response_ids for s in samples]
+    ids, pos, cu, mx = M.pack(seqs)
+    logp, _ = model(ids, pos, cu, mx, targets=torch.roll(ids, -1), temperature=temperature)
+    return [logp[int(cu[i]) + len(s.prompt_ids) - 1:int(cu[i + 1]) - 1]
+            for i, s in enumerate(samples)]
+
+
 def test_segmented_decode_matches_one_read_of_all_rows(llama, monkeypatch):
     """Head-major decode split into a segment per run of equal lengths gives what one segment
-    per run of adjacent slots (free slots after stops split them) gives."""
+    per run of adjacent slots / entries (free ones after stops split them) gives, and both give
+    the training forward's log-probs: groups that shrink (an entry padded to the widest group of
+    its segment) and prompts of different lengths in one segment (masked) included."""
     kw = dict(n=3, max_new_tokens=10, temperature=1.0, seed=4, stop_ids=list(range(3, 300, 9)))
-    built = []
-    real = R._segments
+    built, prompt_built = [], []
+    real, real_prompt = R._segments, R._prompt_segments
     monkeypatch.setattr(R, "_segments", lambda *a: built.append(real(*a)) or built[-1])
+    monkeypatch.setattr(R, "_prompt_segments",
+                        lambda *a: prompt_built.append(real_prompt(*a)) or prompt_built[-1])
     monkeypatch.setitem(R.SEGMENT_COST, "cpu", 10**9)  # split only at free slots
     one = gen(llama, PROMPTS, **kw)
     assert max(map(len, built)) > 1, "no free slot split the rows"
     assert any(s.finish_reason == "stop" for s in one)
+    segs = [(seg, len(rows)) for step, rows in prompt_built for seg in step]
+    assert any(pad in seg.index.tolist() for seg, pad in segs), "no entry was padded"
+    assert any(seg.n > 1 and seg.mask is not None for seg, _ in segs), "no mixed lengths"
     splits, built[:] = sum(map(len, built)), []
+    prompt_splits = sum(len(step) for step, _ in prompt_built)
+    prompt_built[:] = []
     monkeypatch.setitem(R.SEGMENT_COST, "cpu", 0)  # never a key too many
     many = gen(llama, PROMPTS, **kw)
     assert sum(map(len, built)) > splits
-    for a, b in zip(one, many):
+    assert sum(len(step) for step, _ in prompt_built) > prompt_splits
+    for a, b, ref in zip(one, many, training_logprobs(llama, one)):
+        assert a.response_ids == b.response_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        assert torch.allclose(torch.tensor(a.logprobs), ref, atol=1e-5)
+
+
+def test_a_group_reads_one_copy_of_its_prompt(llama, monkeypatch):
+    """Head-major with n > 1: each prefill writes a prompt once (one entry), and the samples are
+    those of the layout that copies it into every slot (n = 1's, and flash-attn's)."""
+    written = []
+    real_write, real_cache = R.KVCache.write_prompt, R.KVCache
+    monkeypatch.setattr(R.KVCache, "write_prompt",
+                        lambda self, layer, first, end, k, v: written.append(end - first)
+                        or real_write(self, layer, first, end, k, v))
+    kw = dict(n=4, max_new_tokens=6, temperature=1.0, seed=2, stop_ids=list(range(3, 300, 7)))
+    shared = gen(llama, PROMPTS, **kw)
+    assert sum(written) == llama.config.num_hidden_layers * len(PROMPTS)
+    written[:] = []
+    monkeypatch.setattr(R, "KVCache", lambda *a, **k: real_cache(*a, **dict(k, shared=False)))
+    copied = gen(llama, PROMPTS, **kw)
+    assert sum(written) == llama.config.num_hidden_layers * len(PROMPTS) * 4
+    assert any(s.finish_reason == "stop" for s in shared)
+    for a, b in zip(shared, copied):
         assert a.response_ids == b.response_ids
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
@@ -149,27 +190,34 @@ def test_plan_segments_trades_wasted_keys_for_calls():
     assert R._plan_segments([4, 5, 6], [1, 50, 50], cost=40) == [(0, 1), (1, 3)]
 
 
-def test_prompt_write_in_both_cache_layouts():
+def test_prompt_write_in_every_cache_layout():
     cfg = M.ModelConfig(arch="llama", vocab_size=16, hidden_size=8, intermediate_size=16,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=3, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
                         tie_word_embeddings=False, qkv_bias=False, o_bias=False)
     k, v = torch.randn(4, 2, 3), torch.randn(4, 2, 3)  # (T, Hkv, D)
-    for flash in (False, True):
-        cache = R.KVCache(cfg, slots=3, max_len=5, device="cpu", dtype=torch.float32, flash=flash)
-        cache.write_prompt(1, 1, 3, k, v)  # slots 1 and 2, positions 0..3
-        kk = cache.k[1] if flash else cache.k[1].permute(0, 3, 1, 2)  # (slots, T, Hkv, D)
-        vv = cache.v[1] if flash else cache.v[1].transpose(1, 2)  # (slots, T, Hkv, D)
+    sizes = []
+    for flash, shared in ((False, False), (False, True), (True, False)):
+        cache = R.KVCache(cfg, slots=3, prompt_len=4, new_len=2, device="cpu",
+                          dtype=torch.float32, flash=flash, shared=shared)
+        cache.write_prompt(1, 1, 3, k, v)  # prompt rows 1 and 2, positions 0..3
+        kk = cache.pk[1] if flash else cache.pk[1].permute(0, 3, 1, 2)  # (rows, T, Hkv, D)
+        vv = cache.pv[1] if flash else cache.pv[1].transpose(1, 2)  # (rows, T, Hkv, D)
         for s in (1, 2):
             assert torch.equal(kk[s, :4], k) and torch.equal(vv[s, :4], v)
-        assert kk[0].abs().sum() == 0 and kk[:, 4].abs().sum() == 0 and cache.k[0].abs().sum() == 0
+        assert kk[0].abs().sum() == 0 and cache.pk[0].abs().sum() == 0
+        assert kk[:, 4:].abs().sum() == 0 and (not shared or cache.k.abs().sum() == 0)
+        assert cache.shared == shared and (cache.pk is cache.k) == (not shared)
+        sizes.append(cache.nbytes)
+    assert sizes == [2 * 2 * 3 * 6 * 2 * 3 * 4] * 3  # k and v, layers, slots, 6 tokens, Hkv, D
 
 
 def test_admitted_slots_go_to_the_shortest_prompts_first():
     from types import SimpleNamespace
     run = R._Run([[1] * 5, [2] * 2, [3] * 9], 2, SimpleNamespace(slots=6), seed=0,
                  prompt_offset=0, device="cpu")
-    assert run.admit() == [(0, [0, 1], [2, 3]), (1, [0, 1], [0, 1]), (2, [0, 1], [4, 5])]
+    assert run.admit() == [(0, [0, 1], [2, 3], 1), (1, [0, 1], [0, 1], 0),
+                           (2, [0, 1], [4, 5], 2)]
 
 
 # ----------------------------------------------------------------------------- sampling functions
@@ -241,6 +289,9 @@ def test_free_slots_take_part_of_a_group():
     from types import SimpleNamespace
     run = R._Run([[1, 2], [3, 4]], 4, SimpleNamespace(slots=5), seed=0, prompt_offset=0,
                  device="cpu")
-    assert run.admit() == [(0, [0, 1, 2, 3], [0, 1, 2, 3]), (1, [0], [4])]
-    run.free += [2, 4]
-    assert run.admit() == [(1, [1, 2], [2, 4])] and run.queue == [(1, [3])]
+    assert run.admit() == [(0, [0, 1, 2, 3], [0, 1, 2, 3], 0), (1, [0], [4], 1)]
+    run.slot_of.update({s: None for s in range(5)})
+    for s in (2, 4):
+        run.release(s)
+    assert run.free_entries == [2, 3, 4, 1]  # entry 1's only slot is free: so is the entry
+    assert run.admit() == [(1, [1, 2], [2, 4], 1)] and run.queue == [(1, [3])]
