@@ -213,14 +213,12 @@ class Prefill:
         return M.varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen)
 
 
-# Batch rows [r0, r1), in cache slots first.. first + r1 - r0, read up to `keys` sampled tokens;
-# `mask` (rows * Hkv, 1, keys) float32, added to the scores: 0 where a row may attend, -inf
-# elsewhere (None: it may everywhere).
-Segment = namedtuple("Segment", "first r0 r1 keys mask")
-# Prompt entries first.. first + n - 1 read up to `keys` positions by `width` query rows each:
-# `index` (n * width,) names them, batch rows, B (a padding row) where an entry has fewer; their
-# outputs are rows start.. start + n * width of the step's prompt outputs.
-PromptSegment = namedtuple("PromptSegment", "first n width keys mask index start")
+# Cache rows first.. first + n - 1 (slots, or a shared cache's entries) read up to `keys`
+# positions by `width` query rows each: `index` (n * width,) names them, batch rows, or B (a
+# zero query, its output dropped) where a cache row has fewer readers; `mask` (n * Hkv, 1, keys)
+# float32 is added to the scores (-inf past a row's length; None when no row is shorter). The
+# outputs are rows start.. start + n * width of the step's outputs of that part.
+Segment = namedtuple("Segment", "first n width keys mask index start")
 
 
 @dataclass
@@ -228,17 +226,17 @@ class Decode:
     """One new token for each of `rows` (cache slots), at position `lens` (the tokens before it).
     flash: one flash-attn call over all rows, their prompts in their slots. Head-major: the new
     k/v go to index `new` of the slot (= `lens`, or with a shared cache the count of sampled
-    tokens before it); each row attends to its slot (per Segment, a run of slots) and, with a
-    shared cache, to its prompt's entry (per PromptSegment: a group's rows are the query rows of
-    one matmul against its prompt, read once for the group), the two merged by their
-    log-sum-exps: the softmax over all the row's keys, exact up to rounding."""
+    tokens before it); each row attends to its slot (`own`: segments of adjacent slots, each row
+    its own reader) and, with a shared cache, to its prompt's entry (`prompts`: a group's rows
+    are the query rows of one matmul against its prompt, read once for the group), the two
+    merged by their log-sum-exps: the softmax over all the row's keys, exact up to rounding.
+    `own` and `prompts`: segments, and each batch row's place in their outputs (B,)."""
     cache: KVCache
     rows: torch.Tensor  # (B,) int32 slots
     lens: torch.Tensor  # (B,) int32 tokens before the new one = its position
     new: torch.Tensor = None  # (B,) int32 where the new k/v go in the slot (head-major)
-    segments: list[Segment] = ()
-    prompt_segments: list[PromptSegment] = ()
-    prompt_rows: torch.Tensor = None  # (B,) each row's place in the prompt outputs
+    own: tuple[list[Segment], torch.Tensor] = None
+    prompts: tuple[list[Segment], torch.Tensor] | None = None
 
     def attend(self, layer: int, q, k, v):  # q (B, H, D): one new token per row
         cache = self.cache
@@ -251,55 +249,52 @@ class Decode:
         cache.k[layer, self.rows, :, :, self.new] = k
         cache.v[layer, self.rows, :, self.new] = v
         b, h, d = q.shape
-        hkv, g = cache.k.shape[2], h // cache.k.shape[2]
         q = q * d ** -0.5  # the softmax scale, once
-        own, own_lse = q.new_empty(b, h, d), q.new_empty(b, h, dtype=torch.float32)
-        for seg in self.segments:  # the slots: g = H / Hkv query rows per KV head
-            n = seg.r1 - seg.r0
-            kt = cache.k[layer, seg.first:seg.first + n, :, :, :seg.keys]  # (n, Hkv, D, keys)
-            vs = cache.v[layer, seg.first:seg.first + n, :, :seg.keys]  # (n, Hkv, keys, D)
-            lse = _attend(q[seg.r0:seg.r1].view(n * hkv, g, d), kt, vs, seg.mask,
-                          own[seg.r0:seg.r1].view(n * hkv, g, d))
-            own_lse[seg.r0:seg.r1] = lse.view(n, h)
-        if not cache.shared:
+        own, own_lse = _read(cache.k[layer], cache.v[layer], q, *self.own)
+        if self.prompts is None:
             return own
-        # the prompts: row b of `padded` is padding (zero queries in, outputs dropped)
-        padded = torch.cat([q, q.new_zeros(1, h, d)])
-        last = self.prompt_segments[-1]
-        total = last.start + last.n * last.width
-        shared, shared_lse = q.new_empty(total, h, d), q.new_empty(total, h, dtype=torch.float32)
-        for seg in self.prompt_segments:  # an entry's w rows x g query heads per KV head
-            n, w, at = seg.n, seg.width, slice(seg.start, seg.start + seg.n * seg.width)
-            qs = padded[seg.index].view(n, w, hkv, g, d).transpose(1, 2)  # (n, Hkv, w, g, D)
-            kt = cache.pk[layer, seg.first:seg.first + n, :, :, :seg.keys]  # (n, Hkv, D, keys)
-            vs = cache.pv[layer, seg.first:seg.first + n, :, :seg.keys]  # (n, Hkv, keys, D)
-            o = q.new_empty(n * hkv, w * g, d)
-            lse = _attend(qs.reshape(n * hkv, w * g, d), kt, vs, seg.mask, o)
-            shared[at].view(n, w, hkv, g, d).copy_(o.view(n, hkv, w, g, d).transpose(1, 2))
-            shared_lse[at].view(n, w, hkv, g).copy_(lse.view(n, hkv, w, g).transpose(1, 2))
-        shared, shared_lse = shared[self.prompt_rows], shared_lse[self.prompt_rows]
+        padded = torch.cat([q, q.new_zeros(1, h, d)])  # row B: padding
+        shared, shared_lse = _read(cache.pk[layer], cache.pv[layer], padded, *self.prompts)
         # softmax weights of the two parts: e^a / (e^a + e^b) = sigmoid(a - b)
         weight = (own_lse - shared_lse).sigmoid_()[..., None]  # (B, H, 1)
         return torch.lerp(shared.float(), own.float(), weight).to(q.dtype)
 
 
-def _attend(qg, kt, vs, mask, out):
-    """Attention of query rows qg (N, M, D), already scaled, over keys kt (N', Hkv, D, L) and
-    values vs (N', Hkv, L, D) (views: N' x Hkv = N), plus mask (N, 1, L) or None: writes the
-    output to `out` (N, M, D) and returns the log-sum-exp of each row's scores (N, M), float32
-    (the softmax in float32, as transformers does)."""
-    n, _, d = qg.shape
-    keys = kt.shape[-1]
-    kt, vs = kt.view(n, d, keys), vs.view(n, keys, d)  # views: a run of rows is one stride
-    s = torch.bmm(qg, kt).float()  # (N, M, L)
-    if mask is not None:
-        s.add_(mask)  # (a broadcast masked_fill_ measured 5x slower on CPU)
-    top = s.amax(-1, keepdim=True)  # (N, M, 1)
-    p = s.sub_(top).exp_()  # unnormalised: one pass, normalised on the (N, M, D) output
-    total = p.sum(-1, keepdim=True)
-    torch.bmm(p.to(vs.dtype), vs, out=out)
-    out.div_(total.to(out.dtype))
-    return (top + total.log()).squeeze(-1)
+def _read(ks, vs, q, segments: list[Segment], place):
+    """Grouped-query attention of the batch rows q (B, H, D) (with a zero row B when segments
+    pad) over one layer's keys ks (rows, Hkv, D, len) and values vs (rows, Hkv, len, D), segment
+    by segment: the g = H / Hkv query heads of a KV head, for all of a cache row's readers, are
+    the rows of one matmul against its keys, read once (K/V never repeated, no copy). Returns
+    the outputs (B, H, D) and log-sum-exps (B, H). `place` None: the segments' readers are the
+    batch rows in order, one each (sliced, not gathered)."""
+    h, d = q.shape[1:]
+    hkv = ks.shape[1]
+    g, last = h // hkv, segments[-1]
+    out = q.new_empty(last.start + last.n * last.width, h, d)
+    lse = q.new_empty(out.shape[:2], dtype=torch.float32)
+    for seg in segments:
+        n, w, at = seg.n, seg.width, slice(seg.start, seg.start + seg.n * seg.width)
+        qs = q[at] if place is None else q[seg.index]  # (n * w, H, D)
+        qs = qs.view(n, w, hkv, g, d).transpose(1, 2).reshape(n * hkv, w * g, d)
+        # a run of cache rows up to `keys` positions is one stride: views, no copy
+        kt = ks[seg.first:seg.first + n, :, :, :seg.keys].view(n * hkv, d, seg.keys)
+        vv = vs[seg.first:seg.first + n, :, :seg.keys].view(n * hkv, seg.keys, d)
+        s = torch.bmm(qs, kt).float()  # (n * Hkv, w * g, keys); softmax in float32 (as HF)
+        if seg.mask is not None:
+            s.add_(seg.mask)  # (a broadcast masked_fill_ measured 5x slower on CPU)
+        top = s.amax(-1, keepdim=True)
+        p = s.sub_(top).exp_()  # unnormalised (one pass); the output is normalised instead
+        total = p.sum(-1, keepdim=True)
+        part = (top + total.log()).view(n, hkv, w, g)
+        if w == 1:  # (n, Hkv, g) is the outputs' own layout: written in place
+            torch.bmm(p.to(vv.dtype), vv, out=out[at].view(n * hkv, g, d))
+            out[at].view(n * hkv, g, d).div_(total.to(vv.dtype))
+            lse[at] = part.view(n, h)
+            continue
+        o = torch.bmm(p.to(vv.dtype), vv).div_(total.to(vv.dtype))  # (n * Hkv, w * g, D)
+        out[at].view(n, w, hkv, g, d).copy_(o.view(n, hkv, w, g, d).transpose(1, 2))
+        lse[at].view(n, w, hkv, g).copy_(part.transpose(1, 2))
+    return (out, lse) if place is None else (out[place], lse[place])
 
 
 # ----------------------------------------------------------------------------- generate
@@ -339,8 +334,8 @@ class _Run:
         self.queue = [(p, list(range(n))) for p in range(len(prompts))]  # waiting, prompt order
         self.slot_of = {}  # slot -> completion (prompt_idx, sample_idx)
         self.free = list(range(cache.slots))
-        self.entry_of = {}  # slot -> the entry holding its prompt (head-major cache)
-        self.entry_rows = {}  # entry -> its occupied slots
+        self.entry_of = {}  # slot -> the entry holding its prompt (a shared cache)
+        self.entry_rows = {}  # entry -> how many occupied slots read it
         self.free_entries = list(range(cache.slots))
         self.tokens = {}  # completion -> response ids
         self.logps = {}
@@ -490,7 +485,7 @@ def _sample_step(run: _Run, slots, logits, stops, last, sampling: Sampling):
 
 def _decode(model, run: _Run, slots, last):
     """One decode step for the occupied slots: logits (B, V) for their next tokens."""
-    dev = run.device
+    dev, cache = run.device, run.cache
     comps = [run.slot_of[s] for s in slots]
     # Sampled tokens already cached: all but the last, which this step feeds in.
     host_new = [len(run.tokens[c]) - 1 for c in comps]
@@ -498,15 +493,22 @@ def _decode(model, run: _Run, slots, last):
     rows = torch.tensor(slots, dtype=torch.int32, device=dev)
     lens = torch.tensor(host_lens, dtype=torch.int32, device=dev)
     ids = torch.tensor([last[s] for s in slots], device=dev)
-    if run.cache.flash:
-        return model(ids, lens.long(), attention=Decode(run.cache, rows, lens))  # (B, V)
-    if not run.cache.shared:  # a slot holds its prompt: the new k/v go at their position
-        decode = Decode(run.cache, rows, lens, lens, _segments(run.cache, slots, host_lens, lens))
-        return model(ids, lens.long(), attention=decode)  # (B, V)
-    new = torch.tensor(host_new, dtype=torch.int32, device=dev)
-    decode = Decode(run.cache, rows, lens, new, _segments(run.cache, slots, host_new, new),
-                    *_prompt_segments(run, slots))
-    return model(ids, lens.long(), attention=decode)  # (B, V)
+    if cache.flash:
+        return model(ids, lens.long(), attention=Decode(cache, rows, lens))  # (B, V)
+    at = host_new if cache.shared else host_lens  # where the new k/v go in the slot
+    b = len(slots)
+    # its own slot: the row's cached tokens and its new one
+    own = _segments(slots, [[i] for i in range(b)], [n + 1 for n in at], cache, dev)
+    prompts = None
+    if cache.shared:
+        rows_of = {}  # entry -> batch rows reading it
+        for i, s in enumerate(slots):
+            rows_of.setdefault(run.entry_of[s], []).append(i)
+        entries = sorted(rows_of)
+        keys = [len(run.prompts[comps[rows_of[e][0]][0]]) for e in entries]
+        prompts = _segments(entries, [rows_of[e] for e in entries], keys, cache, dev)
+    new = torch.tensor(at, dtype=torch.int32, device=dev)
+    return model(ids, lens.long(), attention=Decode(cache, rows, lens, new, own, prompts))
 
 
 # One more segment costs about as much as reading this many more keys of one row (its ~5 calls
@@ -536,43 +538,26 @@ def _plan_segments(slots: list[int], keys: list[int], cost: int) -> list[tuple[i
     return runs[::-1]
 
 
-def _segment_cost(device) -> int:
-    return SEGMENT_COST.get(torch.device(device).type, 1 << 20)
-
-
-def _segments(cache: KVCache, slots: list[int], host_new: list[int], new) -> list[Segment]:
-    """Segments (runs of slots, how far to read) and masks; `new` (B,) and `host_new`: where
-    each row's new token goes in its slot."""
-    keys = [n + 1 for n in host_new]  # a row attends its cached tokens and its new one
-    out = []
-    for i, j in _plan_segments(slots, keys, _segment_cost(new.device)):
-        width = max(keys[i:j])
-        mask = _mask(torch.arange(width, device=new.device) > new[i:j, None], cache)
-        out.append(Segment(slots[i], i, j, width, mask))
-    return out
-
-
-def _prompt_segments(run: _Run, slots: list[int]):
-    """Segments (runs of entries, how far to read, which rows ask) over the rows' prompts, and
-    each row's place in their outputs."""
-    rows_of = {}  # entry -> batch rows reading it
-    for i, s in enumerate(slots):
-        rows_of.setdefault(run.entry_of[s], []).append(i)
-    entries = sorted(rows_of)
-    keys = [len(run.prompts[run.slot_of[slots[rows_of[e][0]]][0]]) for e in entries]
-    out, dev, pad, place = [], run.device, len(slots), [0] * len(slots)
-    for i, j in _plan_segments(entries, keys, _segment_cost(dev)):
-        width = max(len(rows_of[e]) for e in entries[i:j])
+def _segments(cache_rows: list[int], readers: list[list[int]], keys: list[int], cache: KVCache,
+              device) -> tuple[list[Segment], torch.Tensor]:
+    """Segments over the cache rows in use (sorted; each read by `readers`, batch rows, up to
+    `keys` positions), planned by _plan_segments, and each batch row's place in their outputs
+    (None: the batch rows in order, one per reader, no padding)."""
+    b, cost = sum(map(len, readers)), SEGMENT_COST.get(torch.device(device).type, 1 << 20)
+    lengths = torch.tensor(keys, device=device)[:, None]
+    out, place = [], [0] * b
+    for i, j in _plan_segments(cache_rows, keys, cost):
+        width, most = max(map(len, readers[i:j])), max(keys[i:j])
         start = out[-1].start + out[-1].n * out[-1].width if out else 0
-        index = [r for e in entries[i:j] for r in rows_of[e] + [pad] * (width - len(rows_of[e]))]
+        index = [r for rs in readers[i:j] for r in rs + [b] * (width - len(rs))]
         for at, r in enumerate(index):
-            if r != pad:
+            if r != b:
                 place[r] = start + at
-        mask = _mask(torch.arange(max(keys[i:j]), device=dev) >= torch.tensor(
-            keys[i:j], device=dev)[:, None], run.cache)
-        out.append(PromptSegment(entries[i], j - i, width, max(keys[i:j]), mask,
-                                 torch.tensor(index, device=dev), start))
-    return out, torch.tensor(place, device=dev)
+        mask = _mask(torch.arange(most, device=device) >= lengths[i:j], cache)
+        out.append(Segment(cache_rows[i], j - i, width, most, mask,
+                           torch.tensor(index, device=device), start))
+    identity = place == list(range(b)) and out[-1].start + out[-1].n * out[-1].width == b
+    return out, None if identity else torch.tensor(place, device=device)
 
 
 def _mask(outside, cache: KVCache):

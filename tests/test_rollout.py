@@ -136,25 +136,23 @@ def test_segmented_decode_matches_one_read_of_all_rows(llama, monkeypatch):
     the training forward's log-probs: groups that shrink (an entry padded to the widest group of
     its segment) and prompts of different lengths in one segment (masked) included."""
     kw = dict(n=3, max_new_tokens=10, temperature=1.0, seed=4, stop_ids=list(range(3, 300, 9)))
-    built, prompt_built = [], []
-    real, real_prompt = R._segments, R._prompt_segments
-    monkeypatch.setattr(R, "_segments", lambda *a: built.append(real(*a)) or built[-1])
-    monkeypatch.setattr(R, "_prompt_segments",
-                        lambda *a: prompt_built.append(real_prompt(*a)) or prompt_built[-1])
-    monkeypatch.setitem(R.SEGMENT_COST, "cpu", 10**9)  # split only at free slots
+    built = []
+    real = R._segments
+    def record(rows, readers, *a):  # the segments, and the batch size (the padding row)
+        built.append((real(rows, readers, *a)[0], sum(map(len, readers))))
+        return real(rows, readers, *a)
+    monkeypatch.setattr(R, "_segments", record)
+    monkeypatch.setitem(R.SEGMENT_COST, "cpu", 10**9)  # split only at free slots / entries
     one = gen(llama, PROMPTS, **kw)
-    assert max(map(len, built)) > 1, "no free slot split the rows"
+    assert max(len(segs) for segs, _ in built) > 1, "no free slot split the rows"
     assert any(s.finish_reason == "stop" for s in one)
-    segs = [(seg, len(rows)) for step, rows in prompt_built for seg in step]
+    segs = [(seg, pad) for step, pad in built for seg in step]
     assert any(pad in seg.index.tolist() for seg, pad in segs), "no entry was padded"
-    assert any(seg.n > 1 and seg.mask is not None for seg, _ in segs), "no mixed lengths"
-    splits, built[:] = sum(map(len, built)), []
-    prompt_splits = sum(len(step) for step, _ in prompt_built)
-    prompt_built[:] = []
+    assert any(seg.width > 1 and seg.mask is not None for seg, _ in segs), "no mixed lengths"
+    splits, built[:] = sum(len(segs) for segs, _ in built), []
     monkeypatch.setitem(R.SEGMENT_COST, "cpu", 0)  # never a key too many
     many = gen(llama, PROMPTS, **kw)
-    assert sum(map(len, built)) > splits
-    assert sum(len(step) for step, _ in prompt_built) > prompt_splits
+    assert sum(len(segs) for segs, _ in built) > splits
     for a, b, ref in zip(one, many, training_logprobs(llama, one)):
         assert a.response_ids == b.response_ids
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
