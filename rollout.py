@@ -518,9 +518,9 @@ SEGMENT_COST = {"cpu": 256}
 
 
 def _plan_segments(slots: list[int], keys: list[int], cost: int) -> list[tuple[int, int]]:
-    """Split the occupied slots (sorted) into runs of adjacent slots read together: rows [i, j)
-    read (j - i) * max(keys[i:j]) positions, plus `cost` per run. Dynamic programming over the
-    split points, runs of at most 128 rows: O(rows * 128) host work per step."""
+    """Split the cache rows in use (sorted slots or entries) into runs of adjacent rows read
+    together: rows [i, j) read (j - i) * max(keys[i:j]) positions, plus `cost` per run. Dynamic
+    programming over the split points, runs of at most 128 rows: O(rows * 128) host work."""
     best, cut = [0.0] + [float("inf")] * len(slots), [0] * (len(slots) + 1)
     for j in range(1, len(slots) + 1):
         most = 0
@@ -553,7 +553,9 @@ def _segments(cache_rows: list[int], readers: list[list[int]], keys: list[int], 
         for at, r in enumerate(index):
             if r != b:
                 place[r] = start + at
-        mask = _mask(torch.arange(most, device=device) >= lengths[i:j], cache)
+        mask = None  # (decided on the host: no device sync)
+        if min(keys[i:j]) < most:
+            mask = _mask(torch.arange(most, device=device) >= lengths[i:j], cache)
         out.append(Segment(cache_rows[i], j - i, width, most, mask,
                            torch.tensor(index, device=device), start))
     identity = place == list(range(b)) and out[-1].start + out[-1].n * out[-1].width == b
@@ -562,9 +564,7 @@ def _segments(cache_rows: list[int], readers: list[list[int]], keys: list[int], 
 
 def _mask(outside, cache: KVCache):
     """(rows, keys) bool, True where a row may not attend -> the additive float32 mask
-    (rows * Hkv, 1, keys), or None when it is False everywhere."""
-    if not bool(outside.any()):
-        return None
+    (rows * Hkv, 1, keys)."""
     mask = torch.zeros(outside.shape, device=outside.device).masked_fill_(outside, float("-inf"))
     hkv = cache.v.shape[2]
     return mask[:, None, None].expand(-1, hkv, 1, -1).reshape(-1, 1, outside.shape[1])
