@@ -15,7 +15,6 @@ rooflines, and where a mean decode step's time goes (one more medrl run, with ti
     (--rollout FILE times another rollout.py, e.g. an older copy, for a before/after)
 """
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -25,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root
 import torch
 import torch.nn.functional as F
-from timing import best_seconds  # bench/timing.py (this script's own folder is on sys.path)
+from real import load_rollout, medqa_workloads  # bench/real.py (this folder is on sys.path)
+from timing import best_seconds  # bench/timing.py
 
 import model as M
 import rollout as R
@@ -34,16 +34,6 @@ import tiny
 MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, head_dim=64, vocab_size=8192)
 PARTS = ["attention", "matmuls", "lm_head", "other forward", "sampling", "host"]
-
-
-def load_rollout(path):
-    """The repo's rollout module, or the rollout.py at `path` (to time an older version)."""
-    if path is None:
-        return R
-    spec = importlib.util.spec_from_file_location("rollout_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class Probe:
@@ -309,15 +299,7 @@ def main_tiny(args, rollout):
 
 
 def main_real(args, rollout):
-    import data
-    from transformers import AutoTokenizer
-    path, shared = tiny.real_model(), os.path.join(os.path.dirname(ROOT), "shared", "data")
-    if path is None or not os.path.isdir(shared):
-        sys.exit("--real needs ../shared (models/ and data/) beside the repo")
-    tok = AutoTokenizer.from_pretrained(path)
-    configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
-    questions = data.load_benchmark_dir("medqa", shared)[:max(p for p, _ in configs)]
-    all_prompts = [data.encode_prompt(tok, q, "alphamed") for q in questions]
+    path, configs, all_prompts = medqa_workloads(args.configs)
     model = M.load_model(path).eval()
     hf = None if args.skip_hf else load_hf(path)
     summary = []
@@ -362,7 +344,7 @@ def main():
     args = p.parse_args()
     args.new_tokens = args.new_tokens or (128 if args.real else 64)
     torch.set_num_threads(args.threads)
-    rollout = load_rollout(args.rollout)
+    rollout = load_rollout(args.rollout) if args.rollout else R
     if args.rollout:
         print(f"rollout under test: {os.path.abspath(args.rollout)}")
     (main_real if args.real else main_tiny)(args, rollout)

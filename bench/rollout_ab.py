@@ -6,7 +6,6 @@ in one process, alternating, on SmolLM2-135M-Instruct with real MedQA chat promp
     OMP_NUM_THREADS=1 python bench/rollout_ab.py /tmp/old_rollout.py [--configs 4x4,16x8,32x1]
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -17,14 +16,7 @@ import torch
 
 import model as M
 import rollout as R
-import tiny
-
-
-def load(path):
-    spec = importlib.util.spec_from_file_location("rollout_other", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from real import load_rollout, medqa_workloads  # bench/real.py (this folder is on sys.path)
 
 
 def decode_seconds(rollout, model, prompts, n: int, new_tokens: int) -> float:
@@ -54,17 +46,9 @@ def main():
     p.add_argument("--reps", type=int, default=2, help="runs of each, alternating")
     args = p.parse_args()
     torch.set_num_threads(1)
-    import data
-    from transformers import AutoTokenizer
-    path, shared = tiny.real_model(), os.path.join(os.path.dirname(ROOT), "shared", "data")
-    if path is None or not os.path.isdir(shared):
-        sys.exit("needs ../shared (models/ and data/) beside the repo")
-    tok = AutoTokenizer.from_pretrained(path)
-    configs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
-    questions = data.load_benchmark_dir("medqa", shared)[:max(p for p, _ in configs)]
-    prompts = [data.encode_prompt(tok, q, "alphamed") for q in questions]
+    path, configs, prompts = medqa_workloads(args.configs)
     model = M.load_model(path).eval()
-    other = load(args.other)
+    other = load_rollout(args.other)
     print(f"other: {os.path.abspath(args.other)}; {args.new_tokens} new tokens; best of "
           f"{args.reps}, decode seconds")
     for n_prompts, n in configs:
