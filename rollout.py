@@ -4,20 +4,15 @@ free.
 generate(model, prompts, Sampling(n=...), ...) -> list[Sample], prompt-major (prompt i's n samples
 contiguous). `Sampling` holds the settings; trainers and evaluate.py build one and pass it.
 
-- KVCache: preallocated k and v for a slot count set by a token budget (`max_cache_tokens`), in
-  flash-attn's token-major layout when flash-attn runs the model, else head-major (KVCache);
-  head-major with n > 1 holds each group's prompt once ("shared": an entry its slots read).
-- Prefill: the admitted prompts are packed (no padding) and run once each; every layer copies a
-  prompt's k/v into its entry, or into all the slots of its samples (a group shares one pass).
+- KV cache (kvcache.py): preallocated for a slot count set by a token budget
+  (`max_cache_tokens`); with n > 1 (and no flash-attn) a group's prompt is held once.
+- Prefill: the admitted prompts are packed (no padding) and run once each; every layer writes a
+  prompt's k/v into the cache once per prompt (flash-attn's layout: once per slot).
 - Decode: one token for every occupied slot per step, each at its own position. A finished slot is
   refilled from the queue (continuous batching). Free slots always take the next waiting samples,
   even part of a prompt's n (the rest come in later, with a second prefill of that prompt).
-- Attention over the cache: flash-attn's `flash_attn_with_kvcache` (in-place append, per-slot
-  `cache_seqlens`) when `model.use_flash` says so; else grouped-query batched matmuls over runs
-  of slots ("segments", slots assigned shortest prompt first), each read only up to its own
-  longest row, and with a shared cache over runs of entries, a group's rows the query rows of
-  one matmul against its prompt (the two parts merged by their log-sum-exps). `Prefill` /
-  `Decode` are records passed as the forward's `attention=`; the model calls their `attend`.
+  Slots and entries go to the shortest prompts first, so neighbours hold similar lengths and a
+  decode step's reads (kvcache.decode_segments) run little past a row's end.
 - Sampling: temperature (0 = greedy), top-k, top-p, as small pure functions; one uniform number
   per (completion, step) from a counter-based hash of (seed, prompt index, sample index, step)
   picks the token by inverse CDF: a completion is the same whatever the batch, slot count or
@@ -27,7 +22,6 @@ contiguous). `Sampling` holds the settings; trainers and evaluate.py build one a
 - `Sample.logprobs` are log-probs of the sampled tokens under softmax(logits / temperature)
   (temperature 1 when greedy) before top-k/top-p filtering: the quantity the trainer recomputes.
 """
-from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
+from kvcache import KVCache, Decode, Prefill, decode_segments
 
 
 @dataclass
@@ -149,154 +144,6 @@ def _last_positive(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, at, -1).amax(-1, keepdim=True)
 
 
-# ----------------------------------------------------------------------------- KV cache
-
-class KVCache:
-    """k/v for `slots` sequences: a prompt of up to `prompt_len` tokens, then up to `new_len`
-    sampled ones. flash layout: k and v `(layers, slots, prompt_len + new_len, Hkv, D)`, what
-    flash_attn_with_kvcache reads and appends to. Else head-major, keys transposed: k `(layers,
-    rows, Hkv, D, len)`, v `(layers, rows, Hkv, len, D)`: a run of rows up to L positions is a
-    strided view that q @ k and p @ v read as batched matmuls, no copy (D-major keys: 2x faster
-    q @ k than (L, D) keys, on CPU). `shared` (head-major only): `pk`, `pv` hold each admitted
-    prompt once, in an "entry" that the slots sampling from it share (`slots` entries: never more
-    are in use), and `k`, `v` each slot's sampled tokens. Otherwise a prompt is copied into each
-    slot of its samples (`pk`, `pv` are `k`, `v`). The same bytes in every layout."""
-
-    def __init__(self, cfg: M.ModelConfig, slots: int, prompt_len: int, new_len: int, device,
-                 dtype, flash: bool, shared: bool = False):
-        hkv, d = cfg.num_key_value_heads, cfg.head_dim
-
-        def zeros(*shape):  # zeros: a read past a shorter row's end, where 0 * p must meet no NaN
-            return torch.zeros((cfg.num_hidden_layers, slots) + shape, device=device, dtype=dtype)
-        self.slots, self.flash, self.shared = slots, flash, shared and not flash
-        if flash:
-            self.k, self.v = (zeros(prompt_len + new_len, hkv, d) for _ in "kv")
-        elif self.shared:
-            self.pk, self.pv = zeros(hkv, d, prompt_len), zeros(hkv, prompt_len, d)
-            self.k, self.v = zeros(hkv, d, new_len), zeros(hkv, new_len, d)
-        else:
-            total = prompt_len + new_len
-            self.k, self.v = zeros(hkv, d, total), zeros(hkv, total, d)
-        if not self.shared:
-            self.pk, self.pv = self.k, self.v
-
-    @property
-    def nbytes(self) -> int:
-        tensors = {id(t): t for t in (self.k, self.v, self.pk, self.pv)}.values()
-        return sum(t.nbytes for t in tensors)
-
-    def write_prompt(self, layer: int, first: int, end: int, k, v):
-        """Store a prompt's k, v (T, Hkv, D) at positions [0, T) of prompt rows [first, end):
-        entries when `shared`, else slots."""
-        t = k.shape[0]
-        if self.flash:
-            self.pk[layer, first:end, :t] = k
-            self.pv[layer, first:end, :t] = v
-        else:  # transposed once, then copied to each row
-            self.pk[layer, first:end, :, :, :t] = k.permute(1, 2, 0).contiguous()  # (Hkv, D, T)
-            self.pv[layer, first:end, :, :t] = v.transpose(0, 1).contiguous()  # (Hkv, T, D)
-
-
-@dataclass
-class Prefill:
-    """One packed forward over the admitted prompts: every layer copies a prompt's k/v (packed
-    tokens [t0, t1)) into the prompt rows [first, end) (KVCache.write_prompt), one broadcast copy
-    per run (a gather of every (slot, token) pair was 3x slower on CPU)."""
-    cache: KVCache
-    cu_seqlens: torch.Tensor  # (P+1,) int32, the packed prompts
-    max_seqlen: int
-    runs: list[tuple[int, int, int, int]]  # (first, end, t0, t1)
-
-    def attend(self, layer: int, q, k, v):
-        for first, end, t0, t1 in self.runs:
-            self.cache.write_prompt(layer, first, end, k[t0:t1], v[t0:t1])
-        return M.varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen)
-
-
-# Cache rows first.. first + n - 1 (slots, or a shared cache's entries) read up to `keys`
-# positions by `width` query rows each: `index` (n * width,) names them, batch rows, or B (a
-# zero query, its output dropped) where a cache row has fewer readers; `mask` (n * Hkv, 1, keys)
-# float32 is added to the scores (-inf past a row's length; None when no row is shorter). The
-# outputs are rows start.. start + n * width of the step's outputs of that part.
-Segment = namedtuple("Segment", "first n width keys mask index start")
-
-
-@dataclass
-class Decode:
-    """One new token for each of `rows` (cache slots), at position `lens` (the tokens before it).
-    flash: one flash-attn call over all rows, their prompts in their slots. Head-major: the new
-    k/v go to index `new` of the slot (= `lens`, or with a shared cache the count of sampled
-    tokens before it); each row attends to its slot (`own`: segments of adjacent slots, each row
-    its own reader) and, with a shared cache, to its prompt's entry (`prompts`: a group's rows
-    are the query rows of one matmul against its prompt, read once for the group), the two
-    merged by their log-sum-exps: the softmax over all the row's keys, exact up to rounding.
-    `own` and `prompts`: segments, and each batch row's place in their outputs (B,)."""
-    cache: KVCache
-    rows: torch.Tensor  # (B,) int32 slots
-    lens: torch.Tensor  # (B,) int32 tokens before the new one = its position
-    new: torch.Tensor = None  # (B,) int32 where the new k/v go in the slot (head-major)
-    own: tuple[list[Segment], torch.Tensor] = None
-    prompts: tuple[list[Segment], torch.Tensor] | None = None
-
-    def attend(self, layer: int, q, k, v):  # q (B, H, D): one new token per row
-        cache = self.cache
-        if cache.flash:
-            out = M.FLASH.flash_attn_with_kvcache(
-                q[:, None], cache.k[layer], cache.v[layer], k[:, None], v[:, None],
-                cache_seqlens=self.lens, cache_batch_idx=self.rows, causal=True)  # appends k/v
-            return out[:, 0]
-        # int32 indices as they are (no per-layer conversion); split by slices: (B, Hkv, D)
-        cache.k[layer, self.rows, :, :, self.new] = k
-        cache.v[layer, self.rows, :, self.new] = v
-        b, h, d = q.shape
-        q = q * d ** -0.5  # the softmax scale, once
-        own, own_lse = _read(cache.k[layer], cache.v[layer], q, *self.own)
-        if self.prompts is None:
-            return own
-        padded = torch.cat([q, q.new_zeros(1, h, d)])  # row B: padding
-        shared, shared_lse = _read(cache.pk[layer], cache.pv[layer], padded, *self.prompts)
-        # softmax weights of the two parts: e^a / (e^a + e^b) = sigmoid(a - b)
-        weight = (own_lse - shared_lse).sigmoid_()[..., None]  # (B, H, 1)
-        return torch.lerp(shared.float(), own.float(), weight).to(q.dtype)
-
-
-def _read(ks, vs, q, segments: list[Segment], place):
-    """Grouped-query attention of the batch rows q (B, H, D) (with a zero row B when segments
-    pad) over one layer's keys ks (rows, Hkv, D, len) and values vs (rows, Hkv, len, D), segment
-    by segment: the g = H / Hkv query heads of a KV head, for all of a cache row's readers, are
-    the rows of one matmul against its keys, read once (K/V never repeated, no copy). Returns
-    the outputs (B, H, D) and log-sum-exps (B, H). `place` None: the segments' readers are the
-    batch rows in order, one each (sliced, not gathered)."""
-    h, d = q.shape[1:]
-    hkv = ks.shape[1]
-    g, last = h // hkv, segments[-1]
-    out = q.new_empty(last.start + last.n * last.width, h, d)
-    lse = q.new_empty(out.shape[:2], dtype=torch.float32)
-    for seg in segments:
-        n, w, at = seg.n, seg.width, slice(seg.start, seg.start + seg.n * seg.width)
-        qs = q[at] if place is None else q[seg.index]  # (n * w, H, D)
-        qs = qs.view(n, w, hkv, g, d).transpose(1, 2).reshape(n * hkv, w * g, d)
-        # a run of cache rows up to `keys` positions is one stride: views, no copy
-        kt = ks[seg.first:seg.first + n, :, :, :seg.keys].view(n * hkv, d, seg.keys)
-        vv = vs[seg.first:seg.first + n, :, :seg.keys].view(n * hkv, seg.keys, d)
-        s = torch.bmm(qs, kt).float()  # (n * Hkv, w * g, keys); softmax in float32 (as HF)
-        if seg.mask is not None:
-            s.add_(seg.mask)  # (a broadcast masked_fill_ measured 5x slower on CPU)
-        top = s.amax(-1, keepdim=True)
-        p = s.sub_(top).exp_()  # unnormalised (one pass); the output is normalised instead
-        total = p.sum(-1, keepdim=True)
-        part = (top + total.log()).view(n, hkv, w, g)
-        if w == 1:  # (n, Hkv, g) is the outputs' own layout: written in place
-            torch.bmm(p.to(vv.dtype), vv, out=out[at].view(n * hkv, g, d))
-            out[at].view(n * hkv, g, d).div_(total.to(vv.dtype))
-            lse[at] = part.view(n, h)
-            continue
-        o = torch.bmm(p.to(vv.dtype), vv).div_(total.to(vv.dtype))  # (n * Hkv, w * g, D)
-        out[at].view(n, w, hkv, g, d).copy_(o.view(n, hkv, w, g, d).transpose(1, 2))
-        lse[at].view(n, w, hkv, g).copy_(part.transpose(1, 2))
-    return (out, lse) if place is None else (out[place], lse[place])
-
-
 # ----------------------------------------------------------------------------- generate
 
 def stop_ids_for(model, tokenizer=None) -> list[int]:
@@ -346,7 +193,7 @@ class _Run:
         """Take waiting completions, in order, into every free slot (part of a group if need be);
         each admitted prompt gets an entry. Slots and entries go to the shortest prompts first
         (ties in order), so that neighbours hold similar lengths: decode reads little past a
-        row's end (_plan_segments). Returns (prompt_idx, sample indices, slots, entry)."""
+        row's end (kvcache.plan_segments). Returns (prompt_idx, sample indices, slots, entry)."""
         batch, room = [], len(self.free)  # (prompt_idx, sample indices)
         while self.queue and room:
             p, samples = self.queue.pop(0)
@@ -498,7 +345,7 @@ def _decode(model, run: _Run, slots, last):
     at = host_new if cache.shared else host_lens  # where the new k/v go in the slot
     b = len(slots)
     # its own slot: the row's cached tokens and its new one
-    own = _segments(slots, [[i] for i in range(b)], [n + 1 for n in at], cache, dev)
+    own = decode_segments(slots, [[i] for i in range(b)], [n + 1 for n in at], cache, dev)
     prompts = None
     if cache.shared:
         rows_of = {}  # entry -> batch rows reading it
@@ -506,65 +353,7 @@ def _decode(model, run: _Run, slots, last):
             rows_of.setdefault(run.entry_of[s], []).append(i)
         entries = sorted(rows_of)
         keys = [len(run.prompts[comps[rows_of[e][0]][0]]) for e in entries]
-        prompts = _segments(entries, [rows_of[e] for e in entries], keys, cache, dev)
+        prompts = decode_segments(entries, [rows_of[e] for e in entries], keys, cache, dev)
     new = torch.tensor(at, dtype=torch.int32, device=dev)
     return model(ids, lens.long(), attention=Decode(cache, rows, lens, new, own, prompts))
 
-
-# One more segment costs about as much as reading this many more keys of one row (its ~5 calls
-# per layer, against 0.17 us per key and layer: measured on one CPU thread, SmolLM2's 3 x 64
-# KV heads). On a GPU a call costs far more than a key: one segment per run of slots.
-SEGMENT_COST = {"cpu": 256}
-
-
-def _plan_segments(slots: list[int], keys: list[int], cost: int) -> list[tuple[int, int]]:
-    """Split the cache rows in use (sorted slots or entries) into runs of adjacent rows read
-    together: rows [i, j) read (j - i) * max(keys[i:j]) positions, plus `cost` per run. Dynamic
-    programming over the split points, runs of at most 128 rows: O(rows * 128) host work."""
-    best, cut = [0.0] + [float("inf")] * len(slots), [0] * (len(slots) + 1)
-    for j in range(1, len(slots) + 1):
-        most = 0
-        for i in range(j - 1, max(j - 129, -1), -1):
-            most = max(most, keys[i])
-            price = (j - i) * most + cost
-            if price >= best[j] or slots[i] != slots[j - 1] - (j - 1 - i):
-                break  # a run starting further left costs more, or spans a free slot
-            if best[i] + price < best[j]:
-                best[j], cut[j] = best[i] + price, i
-    runs, j = [], len(slots)
-    while j > 0:
-        runs.append((cut[j], j))
-        j = cut[j]
-    return runs[::-1]
-
-
-def _segments(cache_rows: list[int], readers: list[list[int]], keys: list[int], cache: KVCache,
-              device) -> tuple[list[Segment], torch.Tensor]:
-    """Segments over the cache rows in use (sorted; each read by `readers`, batch rows, up to
-    `keys` positions), planned by _plan_segments, and each batch row's place in their outputs
-    (None: the batch rows in order, one per reader, no padding)."""
-    b, cost = sum(map(len, readers)), SEGMENT_COST.get(torch.device(device).type, 1 << 20)
-    lengths = torch.tensor(keys, device=device)[:, None]
-    out, place = [], [0] * b
-    for i, j in _plan_segments(cache_rows, keys, cost):
-        width, most = max(map(len, readers[i:j])), max(keys[i:j])
-        start = out[-1].start + out[-1].n * out[-1].width if out else 0
-        index = [r for rs in readers[i:j] for r in rs + [b] * (width - len(rs))]
-        for at, r in enumerate(index):
-            if r != b:
-                place[r] = start + at
-        mask = None  # (decided on the host: no device sync)
-        if min(keys[i:j]) < most:
-            mask = _mask(torch.arange(most, device=device) >= lengths[i:j], cache)
-        out.append(Segment(cache_rows[i], j - i, width, most, mask,
-                           torch.tensor(index, device=device), start))
-    identity = place == list(range(b)) and out[-1].start + out[-1].n * out[-1].width == b
-    return out, None if identity else torch.tensor(place, device=device)
-
-
-def _mask(outside, cache: KVCache):
-    """(rows, keys) bool, True where a row may not attend -> the additive float32 mask
-    (rows * Hkv, 1, keys)."""
-    mask = torch.zeros(outside.shape, device=outside.device).masked_fill_(outside, float("-inf"))
-    hkv = cache.v.shape[2]
-    return mask[:, None, None].expand(-1, hkv, 1, -1).reshape(-1, 1, outside.shape[1])

@@ -7,12 +7,28 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_rollout(path: str):
-    """The rollout.py at `path` as a module (e.g. an older commit's, to time against)."""
-    spec = importlib.util.spec_from_file_location("rollout_under_test", path)
+def _load(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_rollout(path: str):
+    """The rollout.py at `path` as a module (e.g. an older commit's, to time against). A
+    kvcache.py beside it is the one it imports (else the repo's)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "kvcache.py")
+    if not os.path.exists(beside):
+        return _load("rollout_under_test", path)
+    repo_kvcache = sys.modules.get("kvcache")
+    sys.modules["kvcache"] = _load("kvcache_under_test", beside)
+    try:
+        return _load("rollout_under_test", path)
+    finally:
+        if repo_kvcache is None:
+            del sys.modules["kvcache"]
+        else:
+            sys.modules["kvcache"] = repo_kvcache
 
 
 def medqa_workloads(configs: str):

@@ -2,8 +2,9 @@
 in one process, alternating, on SmolLM2-135M-Instruct with real MedQA chat prompts (needs
 ../shared). Only decode steps are timed (prefill and sampling setup excluded); best of --reps.
 
-    git show COMMIT:rollout.py > /tmp/old_rollout.py
-    OMP_NUM_THREADS=1 python bench/rollout_ab.py /tmp/old_rollout.py [--configs 4x4,16x8,32x1]
+    mkdir -p /tmp/old && git show COMMIT:rollout.py > /tmp/old/rollout.py
+    git show COMMIT:kvcache.py > /tmp/old/kvcache.py  # commits that have one (it is used if there)
+    OMP_NUM_THREADS=1 python bench/rollout_ab.py /tmp/old/rollout.py [--configs 4x4,16x8,32x1]
 """
 import argparse
 import os

@@ -1,8 +1,10 @@
-"""rollout.py: exact greedy decoding, cache == no cache, log-probs, reproducibility, sampling sets."""
+"""rollout.py and kvcache.py: exact greedy decoding, cache == no cache, log-probs, reproducibility,
+sampling sets, the cache layouts and decode segments."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import kvcache
 import model as M
 import rollout as R
 from tiny import make_tiny_checkpoint
@@ -150,12 +152,12 @@ def test_segmented_decode_matches_one_read_of_all_rows(llama, monkeypatch):
     its segment) and prompts of different lengths in one segment (masked) included."""
     kw = dict(n=3, max_new_tokens=10, temperature=1.0, seed=4, stop_ids=list(range(3, 300, 9)))
     built = []
-    real = R._segments
+    real = R.decode_segments
     def record(rows, readers, *a):  # the segments, and the batch size (the padding row)
         built.append((real(rows, readers, *a)[0], sum(map(len, readers))))
         return real(rows, readers, *a)
-    monkeypatch.setattr(R, "_segments", record)
-    monkeypatch.setitem(R.SEGMENT_COST, "cpu", 10**9)  # split only at free slots / entries
+    monkeypatch.setattr(R, "decode_segments", record)
+    monkeypatch.setitem(kvcache.SEGMENT_COST, "cpu", 10**9)  # split only at free slots / entries
     one = gen(llama, PROMPTS, **kw)
     assert max(len(segs) for segs, _ in built) > 1, "no free slot split the rows"
     assert any(s.finish_reason == "stop" for s in one)
@@ -163,7 +165,7 @@ def test_segmented_decode_matches_one_read_of_all_rows(llama, monkeypatch):
     assert any(pad in seg.index.tolist() for seg, pad in segs), "no entry was padded"
     assert any(seg.width > 1 and seg.mask is not None for seg, _ in segs), "no mixed lengths"
     splits, built[:] = sum(len(segs) for segs, _ in built), []
-    monkeypatch.setitem(R.SEGMENT_COST, "cpu", 0)  # never a key too many
+    monkeypatch.setitem(kvcache.SEGMENT_COST, "cpu", 0)  # never a key too many
     many = gen(llama, PROMPTS, **kw)
     assert sum(len(segs) for segs, _ in built) > splits
     for a, b, ref in zip(one, many, training_logprobs(llama, one)):
@@ -194,11 +196,11 @@ def test_a_group_reads_one_copy_of_its_prompt(llama, monkeypatch):
 
 
 def test_plan_segments_trades_wasted_keys_for_calls():
-    assert R._plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=5) == [(0, 2), (2, 4)]
-    assert R._plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=1000) == [(0, 4)]
-    assert R._plan_segments([0, 1, 3], [50, 50, 50], cost=1000) == [(0, 2), (2, 3)]  # free 2
-    assert R._plan_segments([4, 5, 6], [1, 50, 50], cost=60) == [(0, 3)]  # 49 keys < a call
-    assert R._plan_segments([4, 5, 6], [1, 50, 50], cost=40) == [(0, 1), (1, 3)]
+    assert kvcache.plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=5) == [(0, 2), (2, 4)]
+    assert kvcache.plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=1000) == [(0, 4)]
+    assert kvcache.plan_segments([0, 1, 3], [50, 50, 50], cost=1000) == [(0, 2), (2, 3)]  # free 2
+    assert kvcache.plan_segments([4, 5, 6], [1, 50, 50], cost=60) == [(0, 3)]  # 49 keys < a call
+    assert kvcache.plan_segments([4, 5, 6], [1, 50, 50], cost=40) == [(0, 1), (1, 3)]
 
 
 def test_prompt_write_in_every_cache_layout():
@@ -209,7 +211,7 @@ def test_prompt_write_in_every_cache_layout():
     k, v = torch.randn(4, 2, 3), torch.randn(4, 2, 3)  # (T, Hkv, D)
     sizes = []
     for flash, shared in ((False, False), (False, True), (True, False)):
-        cache = R.KVCache(cfg, slots=3, prompt_len=4, new_len=2, device="cpu",
+        cache = kvcache.KVCache(cfg, slots=3, prompt_len=4, new_len=2, device="cpu",
                           dtype=torch.float32, flash=flash, shared=shared)
         cache.write_prompt(1, 1, 3, k, v)  # prompt rows 1 and 2, positions 0..3
         kk = cache.pk[1] if flash else cache.pk[1].permute(0, 3, 1, 2)  # (rows, T, Hkv, D)
