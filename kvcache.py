@@ -68,6 +68,18 @@ class KVCache:
             self.pk[layer, first:end, :, :, :t] = k.permute(1, 2, 0).contiguous()  # (Hkv, D, T)
             self.pv[layer, first:end, :, :t] = v.transpose(0, 1).contiguous()  # (Hkv, T, D)
 
+    def copy_prompt(self, source: int, slots: list[int], t: int):
+        """Copy the prompt at positions [0, t) of slot `source` into `slots`, every layer (the
+        layouts that hold a prompt in each slot: more samples of a prompt still decoding)."""
+        assert not self.shared, "a shared cache holds a prompt once, in its entry"
+        for s in slots:
+            if self.flash:  # (layers, slots, T, Hkv, D)
+                self.k[:, s, :t] = self.k[:, source, :t]
+                self.v[:, s, :t] = self.v[:, source, :t]
+            else:  # k (layers, slots, Hkv, D, T), v (layers, slots, Hkv, T, D)
+                self.k[:, s, ..., :t] = self.k[:, source, ..., :t]
+                self.v[:, s, :, :t] = self.v[:, source, :, :t]
+
 
 @dataclass
 class Prefill:

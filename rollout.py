@@ -10,7 +10,10 @@ contiguous). `Sampling` holds the settings; trainers and evaluate.py build one a
   prompt's k/v into the cache once per prompt (flash-attn's layout: once per slot).
 - Decode: one token for every occupied slot per step, each at its own position. A finished slot is
   refilled from the queue (continuous batching). Free slots always take the next waiting samples,
-  even part of a prompt's n (the rest come in later, with a second prefill of that prompt).
+  even part of a prompt's n. The rest come in later without a prefill while some of the prompt's
+  samples still decode: they read its entry, or copy its k/v from a sibling slot (a prompt in
+  each slot), and sample their first token from the logits kept from its prefill; else (all its
+  samples done) the prompt is prefilled again.
   Slots and entries go to the shortest prompts first, so neighbours hold similar lengths and a
   decode step's reads (kvcache.decode_segments) run little past a row's end.
 - Sampling: temperature (0 = greedy), top-k, top-p, as small pure functions; one uniform number
@@ -184,16 +187,21 @@ class _Run:
         self.entry_of = {}  # slot -> the entry holding its prompt (a shared cache)
         self.entry_rows = {}  # entry -> how many occupied slots read it
         self.free_entries = list(range(cache.slots))
+        self.live = {}  # prompt -> its entry, while a slot reads it
+        self.first_logits = {}  # prompt -> the logits after it (V,), while its entry lives
         self.tokens = {}  # completion -> response ids
         self.logps = {}
         self.done = {}  # completion -> finish reason
         self.seed, self.prompt_offset = seed, prompt_offset
 
     def admit(self):
-        """Take waiting completions, in order, into every free slot (part of a group if need be);
-        each admitted prompt gets an entry. Slots and entries go to the shortest prompts first
-        (ties in order), so that neighbours hold similar lengths: decode reads little past a
-        row's end (kvcache.plan_segments). Returns (prompt_idx, sample indices, slots, entry)."""
+        """Take waiting completions, in order, into every free slot (part of a group if need be).
+        A prompt whose entry lives (some of its samples are decoding) gets more readers of it,
+        and a slot of theirs is the `source` to copy its prompt from (no prefill); any other gets
+        a new entry (source None: prefill it). Slots and new entries go to the shortest prompts
+        first (ties in order), so that neighbours hold similar lengths: decode reads little past
+        a row's end (kvcache.plan_segments). Returns (prompt_idx, sample indices, slots, entry,
+        source) tuples."""
         batch, room = [], len(self.free)  # (prompt_idx, sample indices)
         while self.queue and room:
             p, samples = self.queue.pop(0)
@@ -204,24 +212,30 @@ class _Run:
         slots = sorted(self.free[:len(self.free) - room])
         self.free = self.free[len(self.free) - room:]
         self.free_entries.sort()  # the lowest: entries in use stay adjacent
-        entries, self.free_entries = (self.free_entries[:len(batch)],
-                                      self.free_entries[len(batch):])
+        fresh = sum(p not in self.live for p, _ in batch)
+        entries, self.free_entries = self.free_entries[:fresh], self.free_entries[fresh:]
         for i in sorted(range(len(batch)), key=lambda i: len(self.prompts[batch[i][0]])):
             p, samples = batch[i]
-            batch[i] = (p, samples, slots[:len(samples)], entries.pop(0))
+            entry, source = self.live.get(p), None
+            if entry is None:
+                entry = self.live[p] = entries.pop(0)
+            else:
+                source = next(s for s, e in self.entry_of.items() if e == entry)
+            batch[i] = (p, samples, slots[:len(samples)], entry, source)
+            self.entry_rows[entry] = self.entry_rows.get(entry, 0) + len(samples)
+            self.entry_of.update(dict.fromkeys(slots[:len(samples)], entry))
             slots = slots[len(samples):]
-            self.entry_rows[batch[i][3]] = len(samples)
-            self.entry_of.update(dict.fromkeys(batch[i][2], batch[i][3]))
         return batch
 
     def release(self, slot: int):
         """A finished slot is free, and its entry once no slot reads it."""
-        del self.slot_of[slot]
+        p = self.slot_of.pop(slot)[0]
         self.free.append(slot)
         entry = self.entry_of.pop(slot)
         self.entry_rows[entry] -= 1
         if not self.entry_rows[entry]:
-            del self.entry_rows[entry]
+            del self.entry_rows[entry], self.live[p]
+            self.first_logits.pop(p)
             self.free_entries.append(entry)
 
     def kv_tokens(self, slots) -> int:
@@ -235,14 +249,20 @@ class _Run:
 
 
 def _prefill(model, run: _Run, batch):
-    """One packed forward over the admitted prompts; returns each new slot's next-token logits."""
-    ids, pos, cu, max_seqlen = M.pack([run.prompts[p] for p, _, _, _ in batch], run.device)
-    runs, t0, new_slots, rows = [], 0, [], []
-    for i, (p, samples, slots, entry) in enumerate(batch):
-        t1 = t0 + len(run.prompts[p])
+    """One packed forward over the admitted prompts that need one (source None), their prompt
+    written into the cache; the others' prompt is in the cache already (their entry) or copied
+    from their source slot. Returns the new slots and each one's next-token logits (B, V)."""
+    fresh = [b for b in batch if b[4] is None]
+    runs, t0 = [], 0
+    for p, samples, slots, entry, source in batch:
         for s, j in zip(slots, samples):
             run.slot_of[s] = (p, j)
             run.tokens[(p, j)], run.logps[(p, j)] = [], []
+        if source is not None:
+            if not run.cache.shared:  # the prompt in each slot
+                run.cache.copy_prompt(source, slots, len(run.prompts[p]))
+            continue
+        t1 = t0 + len(run.prompts[p])
         if run.cache.shared:  # the prompt once, in its entry
             runs.append((entry, entry + 1, t0, t1))
         for s in () if run.cache.shared else slots:  # the prompt in each slot
@@ -250,10 +270,14 @@ def _prefill(model, run: _Run, batch):
                 runs[-1] = (runs[-1][0], s + 1, t0, t1)
             else:
                 runs.append((s, s + 1, t0, t1))
-        new_slots, rows, t0 = new_slots + slots, rows + [i] * len(slots), t1
-    writes = Prefill(run.cache, cu, max_seqlen, runs)
-    logits = model(ids, pos, cu, max_seqlen, attention=writes, select=cu[1:].long() - 1)  # (P, V)
-    return new_slots, logits[torch.tensor(rows, device=run.device)]  # (new slots, V)
+        t0 = t1
+    if fresh:
+        ids, pos, cu, max_seqlen = M.pack([run.prompts[b[0]] for b in fresh], run.device)
+        writes = Prefill(run.cache, cu, max_seqlen, runs)
+        logits = model(ids, pos, cu, max_seqlen, attention=writes, select=cu[1:].long() - 1)
+        run.first_logits.update({b[0]: row for b, row in zip(fresh, logits)})  # (V,) each
+    new_slots = [s for b in batch for s in b[2]]
+    return new_slots, torch.stack([run.first_logits[b[0]] for b in batch for _ in b[2]])
 
 
 @torch.no_grad()

@@ -58,7 +58,9 @@ class Probe:
             t = time.perf_counter()
             out = prefill(model, run, batch)
             self.prefill_s += time.perf_counter() - t
-            self.prefill_tokens += sum(len(run.prompts[b[0]]) for b in batch)
+            # prompts run through the model (not those joining a live entry: a 5th field)
+            self.prefill_tokens += sum(len(run.prompts[b[0]]) for b in batch
+                                       if len(b) < 5 or b[4] is None)
             return out
 
         def counted_decode(model, run, slots, last):

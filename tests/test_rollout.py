@@ -195,6 +195,32 @@ def test_a_group_reads_one_copy_of_its_prompt(llama, monkeypatch):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["shared", "per-slot", "flash"])
+def test_rest_of_a_group_joins_without_a_prefill(llama, monkeypatch, layout):
+    """Three slots, groups of four: a group's later samples join while its first ones decode,
+    with no prefill (the prompt read from its entry, or copied from a sibling slot, the first
+    token sampled from the kept logits), and the samples are those of a cache that holds every
+    sample at once, in each cache layout."""
+    kw = dict(n=4, max_new_tokens=8, temperature=1.0, seed=5, stop_ids=list(range(3, 300, 7)))
+    whole = gen(llama, PROMPTS, **kw)
+    if layout == "per-slot":
+        real_cache = R.KVCache
+        monkeypatch.setattr(R, "KVCache", lambda *a, **k: real_cache(*a, **dict(k, shared=False)))
+    if layout == "flash":
+        import flash_attn_double
+        monkeypatch.setattr(M, "FLASH", flash_attn_double)
+    admitted, real_prefill = [], R._prefill
+    monkeypatch.setattr(R, "_prefill", lambda m, run, batch: admitted.extend(batch)
+                        or real_prefill(m, run, batch))
+    split = gen(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)  # 3 slots: 11 + 8 tokens each
+    assert [b[0] for b in admitted if b[4] is None] == [0, 1, 2, 3]  # one prefill per prompt
+    assert len(admitted) > len(PROMPTS), "no sample joined its prompt's live entry"
+    assert any(s.finish_reason == "stop" for s in split)
+    for a, b in zip(whole, split):
+        assert a.response_ids == b.response_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
 def test_plan_segments_trades_wasted_keys_for_calls():
     assert kvcache.plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=5) == [(0, 2), (2, 4)]
     assert kvcache.plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=1000) == [(0, 4)]
@@ -229,8 +255,8 @@ def test_admitted_slots_go_to_the_shortest_prompts_first():
     from types import SimpleNamespace
     run = R._Run([[1] * 5, [2] * 2, [3] * 9], 2, SimpleNamespace(slots=6), seed=0,
                  prompt_offset=0, device="cpu")
-    assert run.admit() == [(0, [0, 1], [2, 3], 1), (1, [0, 1], [0, 1], 0),
-                           (2, [0, 1], [4, 5], 2)]
+    assert run.admit() == [(0, [0, 1], [2, 3], 1, None), (1, [0, 1], [0, 1], 0, None),
+                           (2, [0, 1], [4, 5], 2, None)]
 
 
 # ----------------------------------------------------------------------------- sampling functions
@@ -298,13 +324,21 @@ def test_bad_input(llama, kwargs, match):
 
 def test_free_slots_take_part_of_a_group():
     """Five slots, two prompts of four samples: the fifth slot starts the second prompt's first
-    sample at once instead of idling until four slots are free."""
+    sample at once instead of idling until four slots are free; the rest join that prompt's
+    entry while it lives (its slot the source to copy from), and a prompt whose samples are all
+    done gets a new entry."""
     from types import SimpleNamespace
     run = R._Run([[1, 2], [3, 4]], 4, SimpleNamespace(slots=5), seed=0, prompt_offset=0,
                  device="cpu")
-    assert run.admit() == [(0, [0, 1, 2, 3], [0, 1, 2, 3], 0), (1, [0], [4], 1)]
-    run.slot_of.update({s: None for s in range(5)})
-    for s in (2, 4):
+    assert run.admit() == [(0, [0, 1, 2, 3], [0, 1, 2, 3], 0, None), (1, [0], [4], 1, None)]
+    run.slot_of.update({s: (0, s) for s in range(4)} | {4: (1, 0)})
+    run.first_logits.update({0: None, 1: None})
+    run.release(2)
+    assert run.admit() == [(1, [1], [2], 1, 4)] and run.entry_rows == {0: 3, 1: 2}
+    run.slot_of[2] = (1, 1)
+    for s in (0, 1, 3):
         run.release(s)
-    assert run.free_entries == [2, 3, 4, 1]  # entry 1's only slot is free: so is the entry
-    assert run.admit() == [(1, [1, 2], [2, 4], 1)] and run.queue == [(1, [3])]
+    assert run.free_entries == [2, 3, 4, 0] and 0 not in run.first_logits
+    run.queue.insert(0, (0, [4]))  # (a fifth sample of prompt 0: its entry is gone)
+    assert run.admit() == [(0, [4], [0], 0, None), (1, [2, 3], [1, 3], 1, 4)]
+    assert run.queue == []
