@@ -141,8 +141,10 @@ def plan(cfg: M.ModelConfig, args, world: int, cuda: bool, prompt_len: int,
         rows.append(("one block's fp32 gradient before its reduce-scatter", 0.0, 0.0,
                      4 * block))
     rows.append((f"KV cache: {kv_tokens:,} tokens", kv, 0.0, 0.0))
-    rows.append((f"decode logits and sampling: {slots} rows", slots * cfg.vocab_size * 28, 0.0,
-                 0.0))  # fp32 logits, scaled, softmax; float64 probabilities and their CDF
+    # fp32 logits, scaled, softmax; float64 probabilities and their CDF; and at most one live
+    # prompt per slot has its prefill logits kept (its later samples start from them)
+    rows.append((f"decode logits and sampling: {slots} rows", slots * cfg.vocab_size * (28 + infer),
+                 0.0, 0.0))
     rows.append((f"one block's activations at {micro:,} tokens", 0.0, micro * full_layer,
                  micro * full_layer if args.grad_ckpt else 0.0))  # recomputed in the backward
     rows.append((f"kept activations: {micro:,} tokens x {kept / 1e3:,.1f} kB", 0.0, 0.0,

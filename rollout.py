@@ -275,7 +275,8 @@ def _prefill(model, run: _Run, batch):
         ids, pos, cu, max_seqlen = M.pack([run.prompts[b[0]] for b in fresh], run.device)
         writes = Prefill(run.cache, cu, max_seqlen, runs)
         logits = model(ids, pos, cu, max_seqlen, attention=writes, select=cu[1:].long() - 1)
-        run.first_logits.update({b[0]: row for b, row in zip(fresh, logits)})  # (V,) each
+        # (V,) each, copied: a view would keep the whole batch's logits while one prompt lives
+        run.first_logits.update({b[0]: row.clone() for b, row in zip(fresh, logits)})
     new_slots = [s for b in batch for s in b[2]]
     return new_slots, torch.stack([run.first_logits[b[0]] for b in batch for _ in b[2]])
 
