@@ -238,7 +238,7 @@ def test_prompt_write_in_every_cache_layout():
     sizes = []
     for flash, shared in ((False, False), (False, True), (True, False)):
         cache = kvcache.KVCache(cfg, slots=3, prompt_len=4, new_len=2, device="cpu",
-                          dtype=torch.float32, flash=flash, shared=shared)
+                                dtype=torch.float32, flash=flash, shared=shared)
         cache.write_prompt(1, 1, 3, k, v)  # prompt rows 1 and 2, positions 0..3
         kk = cache.pk[1] if flash else cache.pk[1].permute(0, 3, 1, 2)  # (rows, T, Hkv, D)
         vv = cache.pv[1] if flash else cache.pv[1].transpose(1, 2)  # (rows, T, Hkv, D)
