@@ -318,7 +318,8 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
         if not slots_now:
             break
         finished = _sample_step(run, slots_now, logits, stops, last, sampling)
-        bar.update(len(finished))
+        if finished:  # (update(0) would redraw the bar every step: a line per step in a log)
+            bar.update(len(finished))
         for s in finished:
             run.release(s)
             del last[s]
