@@ -181,7 +181,6 @@ def _read(ks, vs, q, segments: list[Segment], place):
     return (out, lse) if place is None else (out[place], lse[place])
 
 
-
 # One more segment costs about as much as reading this many more keys of one row (its ~5 calls
 # per layer, against 0.17 us per key and layer: measured on one CPU thread, SmolLM2's 3 x 64
 # KV heads). On a GPU a call costs far more than a key: one segment per run of slots.
