@@ -31,6 +31,13 @@ def load_rollout(path: str):
             sys.modules["kvcache"] = repo_kvcache
 
 
+def prefilled(batch) -> list:
+    """The admitted items of a rollout `_prefill` batch that run through the model: all of an
+    older rollout.py's (4 fields); else those with no source slot (5th field), not samples
+    joining their prompt's live entry."""
+    return [b for b in batch if len(b) < 5 or b[4] is None]
+
+
 def medqa_workloads(configs: str):
     """'4x4,16x8' -> (SmolLM2 checkpoint dir, [(prompts, n)], token ids of the first MedQA
     questions as AlphaMed chat prompts, as many as the largest workload needs)."""

@@ -25,8 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root
 import torch
 import torch.nn.functional as F
-from real import load_rollout, medqa_workloads  # bench/real.py (this folder is on sys.path)
-from timing import best_seconds  # bench/timing.py
+# bench/real.py and bench/timing.py (this script's folder is on sys.path)
+from real import load_rollout, medqa_workloads, prefilled
+from timing import best_seconds
 
 import model as M
 import rollout as R
@@ -58,17 +59,14 @@ class Probe:
             t = time.perf_counter()
             out = prefill(model, run, batch)
             self.prefill_s += time.perf_counter() - t
-            # prompts run through the model (not those joining a live entry: a 5th field)
-            self.prefill_tokens += sum(len(run.prompts[b[0]]) for b in batch
-                                       if len(b) < 5 or b[4] is None)
+            self.prefill_tokens += sum(len(run.prompts[b[0]]) for b in prefilled(batch))
             return out
 
         def counted_decode(model, run, slots, last):
             self.steps, self.rows = self.steps + 1, self.rows + len(slots)
             self.peak_rows = max(self.peak_rows, len(slots))
             self.kv_tokens += kv_tokens_read(run, slots)
-            self.attended += sum(len(run.prompts[p]) + len(run.tokens[(p, j)])
-                                 for p, j in map(run.slot_of.get, slots))
+            self.attended += attended_tokens(run, slots)
             self.in_decode = True
             t = time.perf_counter()
             out = decode(model, run, slots, last)
@@ -128,13 +126,16 @@ class Probe:
             h.remove()
 
 
-def kv_tokens_read(run, slots) -> int:
-    """KV tokens a decode step reads: rollout's own count, or for an older rollout.py (no
-    `_Run.kv_tokens`) each row's prompt and tokens."""
-    if hasattr(run, "kv_tokens"):
-        return run.kv_tokens(slots)
+def attended_tokens(run, slots) -> int:
+    """KV tokens a decode step attends to: each row's prompt and sampled tokens."""
     return sum(len(run.prompts[p]) + len(run.tokens[(p, j)])
                for p, j in map(run.slot_of.get, slots))
+
+
+def kv_tokens_read(run, slots) -> int:
+    """KV tokens a decode step reads: rollout's own count (a shared prompt once), or for an
+    older rollout.py (no `_Run.kv_tokens`) every attended token."""
+    return run.kv_tokens(slots) if hasattr(run, "kv_tokens") else attended_tokens(run, slots)
 
 
 def run_medrl(rollout, model, prompts, args):

@@ -19,13 +19,13 @@ import torch
 
 import model as M
 import rollout as R
-from real import load_rollout, medqa_workloads  # bench/real.py (this folder is on sys.path)
+from real import load_rollout, medqa_workloads, prefilled  # bench/real.py (on sys.path)
 
 
 def timed_generate(rollout, model, prompts, n: int, args):
     """(seconds in rollout._decode, seconds of the whole generate, prompts run through a
     prefill) for one generate of n samples per prompt."""
-    real_decode, real_prefill, spent, prefilled = rollout._decode, rollout._prefill, [0.0], [0]
+    real_decode, real_prefill, spent, count = rollout._decode, rollout._prefill, [0.0], [0]
 
     def timed(*a):
         t = time.perf_counter()
@@ -33,8 +33,8 @@ def timed_generate(rollout, model, prompts, n: int, args):
         spent[0] += time.perf_counter() - t
         return out
 
-    def counted(model, run, batch):  # (a 5th field: a sample joining its prompt's live entry)
-        prefilled[0] += sum(len(b) < 5 or b[4] is None for b in batch)
+    def counted(model, run, batch):
+        count[0] += len(prefilled(batch))
         return real_prefill(model, run, batch)
     rollout._decode, rollout._prefill = timed, counted
     try:
@@ -46,7 +46,7 @@ def timed_generate(rollout, model, prompts, n: int, args):
         total = time.perf_counter() - t
     finally:
         rollout._decode, rollout._prefill = real_decode, real_prefill
-    return spent[0], total, prefilled[0]
+    return spent[0], total, count[0]
 
 
 def main():
