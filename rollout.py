@@ -113,8 +113,8 @@ def sample_tokens(logits, temperature: float, top_k: int, top_p: float, u: torch
     # division pass; the same exponentials give the log-normaliser.
     weights = (scaled - top).exp_()  # (B, V)
     log_norm = top.squeeze(-1) + weights.sum(-1).log()  # (B,) logsumexp of scaled
-    if top_k > 0 or top_p < 1.0:
-        weights = (filter_logits(scaled, top_k, top_p) - top).exp_()  # 0 outside the kept set
+    if top_k > 0 or top_p < 1.0:  # 0 outside the kept set (no exp of -inf: slow on CPU)
+        weights = weights.masked_fill_(filter_logits(scaled, top_k, top_p) == float("-inf"), 0)
     tokens = inverse_cdf(weights, u)
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
 
