@@ -25,6 +25,7 @@ contiguous). `Sampling` holds the settings; trainers and evaluate.py build one a
 - `Sample.logprobs` are log-probs of the sampled tokens under softmax(logits / temperature)
   (temperature 1 when greedy) before top-k/top-p filtering: the quantity the trainer recomputes.
 """
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -307,7 +308,9 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
     run = _Run(prompts, n, cache, sampling.seed, prompt_offset, device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     last = {}  # slot -> last sampled token, fed back next step
-    bar = tqdm(total=n * len(prompts), desc="generate", disable=not progress, leave=False)
+    # In a log file (stderr not a terminal) every redraw stays: there, at most one each 30 s.
+    bar = tqdm(total=n * len(prompts), desc="generate", disable=not progress, leave=False,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
     slots_now, logits = [], None
     while True:
         batch = run.admit()

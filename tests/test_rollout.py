@@ -342,3 +342,28 @@ def test_free_slots_take_part_of_a_group():
     run.queue.insert(0, (0, [4]))  # (a fifth sample of prompt 0: its entry is gone)
     assert run.admit() == [(0, [4], [0], 0, None), (1, [2, 3], [1, 3], 1, 4)]
     assert run.queue == []
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_redraws_rarely_in_a_log(llama, monkeypatch, terminal):
+    """On a terminal the bar redraws as samples finish; into a log file (stderr not a terminal)
+    each redraw is a line kept for good, so there it redraws at most once each 30 s."""
+    import io
+    import time
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return terminal
+    out = Stream()
+    monkeypatch.setattr("sys.stderr", out)
+    forward = llama.forward
+
+    def slow(*args, **kwargs):  # ~0.04 s a step: the 6 samples finish ~0.25 s apart
+        time.sleep(0.04)
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(llama, "forward", slow)
+    # one slot (cache room for one sequence): the samples run one after another
+    gen(llama, [[5, 17, 33]], n=6, max_new_tokens=5, stop_ids=[], max_cache_tokens=8,
+        progress=True)
+    redraws = out.getvalue().count("generate")
+    assert (redraws >= 4) if terminal else (redraws <= 2), out.getvalue()
