@@ -87,5 +87,6 @@ def main():
                  f"repo {runs['repo'][0][2]}")
         print(line, flush=True)
 
+
 if __name__ == "__main__":
     main()
