@@ -16,10 +16,10 @@ contiguous). `Sampling` holds the settings; trainers and evaluate.py build one a
   samples done) the prompt is prefilled again.
   Slots and entries go to the shortest prompts first, so neighbours hold similar lengths and a
   decode step's reads (kvcache.decode_segments) run little past a row's end.
-- Sampling: temperature (0 = greedy), top-k, top-p, as small pure functions; one uniform number
-  per (completion, step) from a counter-based hash of (seed, prompt index, sample index, step)
-  picks the token by inverse CDF: a completion is the same whatever the batch, slot count or
-  cache budget, with no per-row generator objects.
+- Sampling (sampling.py): temperature (0 = greedy), top-k, top-p; one uniform number per
+  (completion, step) from a counter-based hash of (seed, prompt index, sample index, step) picks
+  the token by inverse CDF: a completion is the same whatever the batch, slot count or cache
+  budget, with no per-row generator objects.
 - Host syncs: exactly one per decode step, `tolist()` of the sampled tokens and log-probs. Lengths
   and positions are tracked on the host (they advance by one per step).
 - `Sample.logprobs` are log-probs of the sampled tokens under softmax(logits / temperature)
@@ -29,11 +29,11 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
 from kvcache import KVCache, Decode, Prefill, decode_segments
+from sampling import completion_keys, sample_tokens, uniforms
 
 
 @dataclass
@@ -58,94 +58,6 @@ class Sample:
     response_ids: list[int]  # the stop token included when one ended it
     logprobs: list[float]  # sampler log-prob of each response token
     finish_reason: str  # "stop" or "length"
-
-
-# ----------------------------------------------------------------------------- sampling
-
-MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32."""
-    for mult in (0x7FEB352D, 0x46CA68B5, 0x2C1B3C6D):
-        x = ((x ^ (x >> 16)) * mult) & MASK32
-    return x ^ (x >> 15)
-
-
-def completion_keys(seed: int, prompt_idx: torch.Tensor, sample_idx: torch.Tensor) -> torch.Tensor:
-    """One stream key per completion from (seed, prompt index, sample index). int64 (B,)."""
-    k = _mix32(torch.full_like(prompt_idx, seed & MASK32) ^ 0x9E3779B9)
-    k = _mix32(k ^ prompt_idx)
-    return _mix32(k ^ (sample_idx * 0x61C88647 & MASK32))
-
-
-def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """The step-th uniform number in (0, 1) of each completion's stream. float64 (B,)."""
-    hi = _mix32(keys ^ _mix32(steps & MASK32))
-    lo = _mix32(hi ^ 0x5BD1E995)
-    return ((hi << 21) + (lo >> 11) + 0.5) / float(2**53)  # 53 random bits
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus (top-p) set to -inf. logits (B, V) float32."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-        probs = sorted_logits.softmax(-1)
-        # Keep a token if the mass strictly before it is < top_p (the top token always stays).
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
-
-
-def sample_tokens(logits, temperature: float, top_k: int, top_p: float, u: torch.Tensor):
-    """Pick one token per row by inverse CDF on the filtered distribution, given uniforms u (B,).
-
-    Returns tokens (B,) and their log-probs under softmax(logits / temperature) unfiltered."""
-    logits = logits.float()
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, F.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / temperature if temperature != 1 else logits
-    top = scaled.amax(-1, keepdim=True)  # (B, 1)
-    # Unnormalised probabilities: the CDF search only needs u scaled by their total, so no
-    # division pass; the same exponentials give the log-normaliser.
-    weights = (scaled - top).exp_()  # (B, V)
-    log_norm = top.squeeze(-1) + weights.sum(-1).log()  # (B,) logsumexp of scaled
-    if top_k > 0 or top_p < 1.0:  # 0 outside the kept set (no exp of -inf: slow on CPU)
-        weights = weights.masked_fill_(filter_logits(scaled, top_k, top_p) == float("-inf"), 0)
-    tokens = inverse_cdf(weights, u)
-    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
-
-
-def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """The first token of each row whose float64 cumulative weight exceeds u * total weight.
-    weights (B, V) >= 0, u (B,) -> (B,) int64. Two levels instead of a float64 (B, V) cumsum:
-    float64 sums of `block`-token blocks pick the block, then that block's cumsum the token."""
-    b, v = weights.shape
-    full = v // block * block
-    # float32 block sums (a float64 sum would convert all of weights first: 5x slower)
-    sums = [weights[:, :full].view(b, full // block, block).sum(-1)]  # (B, full / block)
-    if full < v:  # a last, shorter block
-        sums.append(weights[:, full:].sum(-1, keepdim=True))
-    sums = torch.cat(sums, -1).double()  # (B, blocks)
-    before = sums.cumsum(-1)  # (B, blocks) weight up to each block's end
-    target = (u * before[:, -1])[:, None]  # (B, 1)
-    blk = torch.minimum(torch.searchsorted(before, target, right=True), _last_positive(sums))
-    start = torch.where(blk > 0, before.gather(-1, (blk - 1).clamp(min=0)), 0.0)  # (B, 1)
-    idx = blk * block + torch.arange(block, device=weights.device)  # (B, block) token ids
-    inside = weights.gather(-1, idx.clamp(max=v - 1)).double() * (idx < v)  # (B, block)
-    pick = torch.searchsorted(start + inside.cumsum(-1), target, right=True)  # (B, 1)
-    return idx.gather(-1, torch.minimum(pick, _last_positive(inside))).squeeze(-1)
-
-
-def _last_positive(x: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last x > 0, (B, 1): where rounding puts the target at or past the end
-    of the sums, the pick steps back to it, never onto a weight-0 token."""
-    at = torch.arange(x.shape[-1], device=x.device)
-    return torch.where(x > 0, at, -1).amax(-1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------- generate

@@ -5,6 +5,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIBLINGS = ("kvcache", "sampling")  # the modules rollout.py imports from its own folder
 
 
 def _load(name: str, path: str):
@@ -15,20 +16,23 @@ def _load(name: str, path: str):
 
 
 def load_rollout(path: str):
-    """The rollout.py at `path` as a module (e.g. an older commit's, to time against). A
-    kvcache.py beside it is the one it imports (else the repo's)."""
-    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "kvcache.py")
-    if not os.path.exists(beside):
-        return _load("rollout_under_test", path)
-    repo_kvcache = sys.modules.get("kvcache")
-    sys.modules["kvcache"] = _load("kvcache_under_test", beside)
+    """The rollout.py at `path` as a module (e.g. an older commit's, to time against). The
+    kvcache.py and sampling.py beside it, where there are, are the ones it imports (else the
+    repo's)."""
+    folder, saved = os.path.dirname(os.path.abspath(path)), {}
+    for name in SIBLINGS:
+        beside = os.path.join(folder, name + ".py")
+        if os.path.exists(beside):
+            saved[name] = sys.modules.get(name)
+            sys.modules[name] = _load(name + "_under_test", beside)
     try:
         return _load("rollout_under_test", path)
     finally:
-        if repo_kvcache is None:
-            del sys.modules["kvcache"]
-        else:
-            sys.modules["kvcache"] = repo_kvcache
+        for name, repo_module in saved.items():
+            if repo_module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = repo_module
 
 
 def prefilled(batch) -> list:

@@ -12,8 +12,8 @@ rooflines, and where a mean decode step's time goes (one more medrl run, with ti
 
     OMP_NUM_THREADS=1 python bench/rollout.py [--prompts 32 --n 8 --new-tokens 64]
     OMP_NUM_THREADS=1 python bench/rollout.py --real [--configs 4x4,16x8 --reps 1]
-    (--rollout FILE times another rollout.py, e.g. an older copy, for a before/after; a
-    kvcache.py beside it is the one it uses)
+    (--rollout FILE times another rollout.py, e.g. an older copy, for a before/after; the
+    kvcache.py and sampling.py beside it, where there are, are the ones it uses)
 """
 import argparse
 import os
@@ -341,8 +341,8 @@ def main():
     # run
     p.add_argument("--reps", type=int, default=1, help="timed runs of each, alternating")
     p.add_argument("--rollout", default=None,
-                   help="time this rollout.py instead of the repo's (with the kvcache.py beside "
-                   "it, if any)")
+                   help="time this rollout.py instead of the repo's (with the kvcache.py and "
+                   "sampling.py beside it, if any)")
     p.add_argument("--seed", type=int, default=0, help="prompts, model init and sampling seed")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--copy-mb", type=int, default=256, help="bandwidth-probe copy size in MiB")

@@ -4,7 +4,8 @@ the decode steps alone, and the whole generate call (prefills included), best of
 many prompts each ran through a prefill.
 
     mkdir -p /tmp/old && git show COMMIT:rollout.py > /tmp/old/rollout.py
-    git show COMMIT:kvcache.py > /tmp/old/kvcache.py  # commits that have one (it is used if there)
+    for m in kvcache sampling; do  # the commit's, where it has them (else the repo's are used)
+      git show COMMIT:$m.py > /tmp/old/$m.py 2>/dev/null || rm /tmp/old/$m.py; done
     OMP_NUM_THREADS=1 python bench/rollout_ab.py /tmp/old/rollout.py [--configs 4x4,16x8,32x1]
     (--stop --max-cache-tokens 16384: natural lengths, fewer slots than samples, as in training)
 """
