@@ -11,13 +11,15 @@ are random-init, of real shapes, built here. It writes one JSON report and print
 2. sampler: greedy tokens against transformers `generate` on short prompts; then throughput at
    --batch prompts x --new-tokens tokens, medrl against transformers in the same run, and medrl's
    decode steps against the bandwidth roofline (weight + KV bytes read per step over a measured
-   device copy);
+   device copy), and the share of a decode step its attention over the cache takes (the same
+   steps timed again with that attention skipped);
 3. training: --grpo-steps GRPO steps of the 1B shape on the demo task through grpo.main (on CUDA:
    the one-rank NCCL group and FSDP2 bf16 mixed precision), with each phase's time, tokens/s and
    peak memory (torch.cuda.max_memory_allocated) against memory.plan.
 With --tiny (CPU, fp32, no process group) the shapes are tiny: it checks what a CPU can.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import torch
 
+import kvcache
 import model as M
 import rl
 import rollout as R
@@ -135,22 +138,43 @@ def throughput(ours, hf, cfg, device, batch: int, new_tokens: int) -> dict:
                for n in torch.randint(64, 257, (batch,), generator=g)]
     sampling = R.Sampling(max_new_tokens=new_tokens, temperature=1.0)
     R.generate(ours, prompts[:2], R.Sampling(max_new_tokens=4), stop_ids=[], progress=False)
-    decode = DecodeProbe()
-    with decode:
-        sync(device)
-        t = time.perf_counter()
-        R.generate(ours, prompts, sampling, stop_ids=[], progress=False)
-        sync(device)
-        medrl_s = time.perf_counter() - t
+    # medrl twice, alternating with the same decode steps (exactly new_tokens each, so the same
+    # rows) with attention over the cache skipped ("bare"): the difference is what attention costs
+    # a step, without per-layer syncs. The faster run of each is kept.
+    runs = {"medrl": [], "bare": []}  # (seconds, DecodeProbe)
+    for _ in range(2):
+        for name, runs_of in runs.items():
+            skip = no_attention() if name == "bare" else contextlib.nullcontext()
+            with DecodeProbe() as probe, skip:
+                sync(device)
+                t = time.perf_counter()
+                R.generate(ours, prompts, sampling, stop_ids=[], progress=False)
+                sync(device)
+                runs_of.append((time.perf_counter() - t, probe))
+    (medrl_s, decode), (_, bare) = (min(r, key=lambda run: run[0]) for r in runs.values())
     hf_s = hf_generate_seconds(hf, prompts, new_tokens, device)
     tokens = batch * new_tokens
     step_bytes = weight_bytes(ours) + decode.kv_tokens / max(decode.steps, 1) * kv_bytes(cfg, ours)
     roofline_s = step_bytes / copy_bandwidth(device)
+    step_ms, bare_ms = (1e3 * p.seconds / p.steps for p in (decode, bare))
     return dict(batch=batch, new_tokens=new_tokens, medrl_tok_s=tokens / medrl_s,
                 transformers_tok_s=tokens / hf_s, ratio=hf_s / medrl_s,
-                decode_steps=decode.steps, decode_step_ms=1e3 * decode.seconds / decode.steps,
+                decode_steps=decode.steps, decode_step_ms=step_ms,
                 decode_roofline_ms=1e3 * roofline_s,
-                decode_roofline_fraction=roofline_s * decode.steps / decode.seconds)
+                decode_roofline_fraction=roofline_s * decode.steps / decode.seconds,
+                decode_steps_without_attention=bare.steps,
+                attention_fraction=(step_ms - bare_ms) / step_ms)
+
+
+@contextlib.contextmanager
+def no_attention():
+    """Decode steps whose attention over the cache (and its k/v write) returns q unchanged."""
+    real = kvcache.Decode.attend
+    kvcache.Decode.attend = lambda self, layer, q, k, v: q
+    try:
+        yield
+    finally:
+        kvcache.Decode.attend = real
 
 
 class DecodeProbe:
@@ -282,14 +306,14 @@ def print_table(report: dict):
     print(f"\n{report['device']}, {report['dtype']}, flash-attn: {report['flash_attn']}")
     print(f"{'shape':<10}{'logit diff':>12}{'logp diff':>11}{'shared':>9}{'greedy=':>9}"
           f"{'medrl tok/s':>13}"
-          f"{'hf tok/s':>10}{'ratio':>7}{'step ms':>9}{'roofline':>10}")
+          f"{'hf tok/s':>10}{'ratio':>7}{'step ms':>9}{'roofline':>10}{'attention':>11}")
     for shape, r in report["shapes"].items():
         t = r["throughput"]
         print(f"{shape:<10}{r['logits_max_abs_diff']:>12.2e}{r['logprob_mean_abs_diff']:>11.2e}"
               f"{r['shared_prefix_logprob_mean_abs_diff']:>9.1e}{r['greedy_tokens_equal']:>9.0%}"
               f"{t['medrl_tok_s']:>13,.0f}"
               f"{t['transformers_tok_s']:>10,.0f}{t['ratio']:>7.2f}{t['decode_step_ms']:>9.2f}"
-              f"{t['decode_roofline_fraction']:>10.0%}")
+              f"{t['decode_roofline_fraction']:>10.0%}{t['attention_fraction']:>11.0%}")
     g = report.get("grpo")
     if g:
         print(f"\nGRPO {report['grpo_shape']}, {g['steps']} steps: generated "
