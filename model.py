@@ -375,7 +375,7 @@ class _TokenLogprobs(torch.autograd.Function):
             z = (hidden[sl] @ weight.t()).float()  # (C, V), recomputed
             if ctx.temperature != 1.0:
                 z.div_(ctx.temperature)
-            p = torch.exp(z - lse[sl, None])
+            p = z.sub(lse[sl, None]).exp_()  # one (C, V) block, not two
             if ctx.entropy:
                 z.sub_(mean_z[sl, None]).mul_(p).mul_(-g_ent[sl, None])  # entropy part
             else:

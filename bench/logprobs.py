@@ -52,7 +52,9 @@ def child(args):
              2).sum().backward()
     g = torch.Generator().manual_seed(args.seed)
     hidden = torch.randn(args.tokens, args.hidden, generator=g).to(device).requires_grad_()
-    weight = (0.02 * torch.randn(args.vocab, args.hidden, generator=g)).to(device).requires_grad_()
+    # scaled in place: a temporary would raise the CPU baseline (the RSS high-water mark)
+    weight = torch.randn(args.vocab, args.hidden, generator=g).mul_(0.02)
+    weight = weight.to(device).requires_grad_()
     targets = torch.randint(0, args.vocab, (args.tokens,), generator=g).to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
