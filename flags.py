@@ -118,7 +118,7 @@ def _optimisation_flags(p):
              "once (default: 16384 on CUDA; 2048 on CPU, where a real model's activations cost ~0.1-1.4 MB per token: the run's memory "
              "plan shows it)")
     add("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
-        help="activation checkpointing per block (an 8B update at --micro-tokens 16384 keeps ~4 GB "
+        help="activation checkpointing per block (an 8B update at --micro-tokens 16384 keeps ~5 GB "
              "of activations with it, ~106 GB without: bench/activations.py)")
 
 

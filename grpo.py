@@ -11,7 +11,8 @@ step(s) over token-budget packed micro-batches. rl.py holds the pieces of a step
 
 Algorithmic choices and the flag that changes each:
   group size G (completions per prompt) --num-samples 8 (alias --group-size)
-  advantage (r - mean) / (std + eps)    --adv-norm std | none (Dr. GRPO: none)
+  advantage (r - mean) / (std + eps)    --adv-norm std | none (Dr. GRPO: none) | batch-std (the
+                                        step's std of all rewards)
   drop groups with one reward value     --drop-zero-var (their advantage is 0 anyway; they still
                                         count in the token normaliser unless dropped)
   clip range [1 - low, 1 + high]        --clip-low 0.2 --clip-high 0.2 (clip-higher: raise high)
@@ -34,6 +35,8 @@ Algorithmic choices and the flag that changes each:
                                         divides the logits in the training log-probs)
   reward                                --format boxed --reward-values 1,0,0 (AlphaMed);
                                         Med-RLVR: --format think_answer --reward-values 1,0,-1
+  prompt                                --prompt-style alphamed | medrlvr, --shuffle-options (a
+                                        new option order each time a question is used)
 Ablations (off by default; README "Ablations"):
   GSPO (Zheng et al. 2025)              --policy-loss gspo | gspo-token, --gspo-clip-low 3e-4
                                         --gspo-clip-high 4e-4 (they differ from ppo off-policy only)

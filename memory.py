@@ -1,6 +1,6 @@
 """What a training run holds in memory, per GPU (or per CPU process), phase by phase.
 
-    python grpo.py --model meta-llama/Llama-3.1-8B-Instruct --plan --world 8   # config only
+    python grpo.py --model meta-llama/Llama-3.1-8B-Instruct --plan --plan-world 8   # config only
     (every run prints the same plan for its own flags at start)
 
 Sizes are counted, not estimated by hand: parameters from the model built on the meta device;
