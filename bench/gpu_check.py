@@ -141,11 +141,10 @@ def throughput(ours, hf, cfg, device, batch: int, new_tokens: int) -> dict:
     # medrl twice, alternating with the same decode steps (exactly new_tokens each, so the same
     # rows) with attention over the cache skipped ("bare"): the difference is what attention costs
     # a step, without per-layer syncs. The faster run of each is kept.
-    runs = {"medrl": [], "bare": []}  # (seconds, DecodeProbe)
+    runs = {contextlib.nullcontext: [], no_attention: []}  # (seconds, DecodeProbe) each
     for _ in range(2):
-        for name, runs_of in runs.items():
-            skip = no_attention() if name == "bare" else contextlib.nullcontext()
-            with DecodeProbe() as probe, skip:
+        for variant, runs_of in runs.items():
+            with DecodeProbe() as probe, variant():
                 sync(device)
                 t = time.perf_counter()
                 R.generate(ours, prompts, sampling, stop_ids=[], progress=False)
@@ -161,7 +160,7 @@ def throughput(ours, hf, cfg, device, batch: int, new_tokens: int) -> dict:
                 transformers_tok_s=tokens / hf_s, ratio=hf_s / medrl_s,
                 decode_steps=decode.steps, decode_step_ms=step_ms,
                 decode_roofline_ms=1e3 * roofline_s,
-                decode_roofline_fraction=roofline_s * decode.steps / decode.seconds,
+                decode_roofline_fraction=1e3 * roofline_s / step_ms,
                 decode_steps_without_attention=bare.steps,
                 attention_fraction=(step_ms - bare_ms) / step_ms)
 
