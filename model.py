@@ -455,9 +455,17 @@ def read_state_dict(path: str) -> dict:
     for name in files:
         file = os.path.join(path, name)
         try:
-            state.update(load_file(file))
+            tensors = load_file(file)
         except Exception as e:  # truncated or corrupt: safetensors' own error omits the path
             raise ValueError(f"{file}: cannot read the weights ({type(e).__name__}: {e})") from None
+        # load_file's tensors are views at their byte offsets in the file: a tensor can start
+        # only 4 bytes aligned, and CPU matmul kernels round differently on unaligned memory
+        # (a reloaded critic's values moved by ~5e-7 with every tensor equal). Each gets memory
+        # of its own, aligned as torch allocates it; one tensor at a time, so the peak grows by
+        # the largest one.
+        while tensors:
+            name, t = tensors.popitem()
+            state[name] = t.clone()
     return state
 
 

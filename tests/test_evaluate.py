@@ -1,13 +1,11 @@
 """evaluate.py: metrics against hand-computed values (scripted generation), the CLI on the real
 benchmark files, torchrun parity, pass-rate files for the difficulty mix, and flag errors."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from conftest import ROOT, SHARED_DATA
+from ranks import torchrun
 
 import data
 import evaluate
@@ -133,11 +131,7 @@ def test_torchrun_two_processes_match_one(ckpt, data_dir, tmp_path):
     flags = ["--data-dir", str(data_dir), "--benchmarks", "medqa,demo", "--limit", "5", "--num-samples", "2",
              "--temperature", "1", "--max-new-tokens", "6", "--seed", "3"]
     evaluate.main([ckpt, *flags, "--out", str(tmp_path / "one")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "evaluate.py", ckpt, *flags, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "evaluate.py", [ckpt, *flags, "--out", str(tmp_path / "two")], tmp_path)
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert one["benchmarks"] == two["benchmarks"]
     for name in ("medqa", "demo"):

@@ -1,8 +1,6 @@
 """grpo.py end to end on the CPU demo: it learns, it is reproducible, resume is exact, torchrun works."""
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from safetensors.torch import load_file
 import grpo
 import model as M
 from conftest import ROOT, read_metrics as metrics, without_timing
+from ranks import torchrun
 
 FAST = ["--model", "tiny", "--max-new-tokens", "4", "--batch-prompts", "8", "--num-samples", "4"]
 
@@ -67,11 +66,7 @@ def test_torchrun_two_ranks_matches_one(tmp_path):
     one = str(tmp_path / "one")
     grpo.main(args + ["--out", one])
     two = str(tmp_path / "two")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           "29517", str(ROOT / "grpo.py")] + args + ["--out", two]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "grpo.py", args + ["--out", two], tmp_path)
     m1, m2 = metrics(one), metrics(two)
     for r1, r2 in zip(m1, m2):
         assert r1["reward_mean"] == r2["reward_mean"] and r1["response_len"] == r2["response_len"]

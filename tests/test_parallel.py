@@ -1,13 +1,11 @@
 """Distributed pieces under torchrun (2 CPU ranks, gloo): sharded loading from one host copy and
 the gradient memory of the update (tests/fsdp_check.py does the work inside the ranks)."""
 import json
-import os
-import subprocess
-import sys
 
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
+from ranks import torchrun
 from tiny import make_tiny_checkpoint
 
 
@@ -19,11 +17,7 @@ def test_sharded_load_and_gradient_memory(tmp_path):
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, broken / "model.safetensors")
     out = tmp_path / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           "29541", str(ROOT / "tests" / "fsdp_check.py"), ckpt, str(broken), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "tests" / "fsdp_check.py", [ckpt, str(broken), str(out)], tmp_path)
     r = json.loads(out.read_text())
     assert r["same_as_single_process"]
     assert r["local_params"] < 0.6 * r["full_params"]  # rank 0 holds about half

@@ -1,8 +1,6 @@
 """ppo.py: GAE, KL-in-reward, value loss by hand; the CPU demo learns; resume and torchrun."""
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import ppo
 import rl
 from parallel import Dist
 from conftest import ROOT, read_metrics as metrics, without_timing
+from ranks import torchrun
 
 
 def test_gae_hand_computed():
@@ -158,11 +157,7 @@ def test_ppo_torchrun_two_ranks_matches_one(tmp_path):
     args = FAST + ["--steps", "2", "--kl-coef", "0.05", "--micro-tokens", "150"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     ppo.main(args + ["--out", one])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           "29519", str(ROOT / "ppo.py")] + args + ["--out", two]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "ppo.py", args + ["--out", two], tmp_path)
     for r1, r2 in zip(metrics(one), metrics(two)):
         assert r1["reward_mean"] == r2["reward_mean"]
         for key in ("loss", "value_loss", "kl", "explained_variance"):
