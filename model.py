@@ -320,6 +320,8 @@ class CausalLM(nn.Module):
             positions = torch.arange(t, device=input_ids.device).repeat(b)
             cu_seqlens = torch.arange(0, b * t + 1, t, device=input_ids.device, dtype=torch.int32)
             max_seqlen = t
+        # RoPE tables in fp32 whatever the weights' dtype (rotate computes in fp32), made here:
+        # an activation-checkpointed block gets the same tensors in its forward and recompute
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (N, D/2)
         cos, sin = freqs.cos(), freqs.sin()
         x = self.model.embed_tokens(input_ids)  # (N, hidden)

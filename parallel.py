@@ -21,6 +21,9 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    # Inference, gathered weights and the compute dtype of FSDP2's mixed precision: bf16 on CUDA,
+    # fp32 on CPU (where bf16 is slow). A field, not a device test, so a CPU test can run bf16.
+    dtype: torch.dtype = torch.float32
 
     @property
     def main(self) -> bool:
@@ -30,11 +33,6 @@ class Dist:
     def grouped(self) -> bool:
         """A process group exists (torchrun, or one GPU as a one-rank group)."""
         return torch_dist.is_initialized()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Inference and gathered weights: bf16 on CUDA, fp32 on CPU (where bf16 is slow)."""
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
     def sum(self, values: list[float]) -> list[float]:
         """All-reduce a list of floats (one collective, same length on every rank)."""
@@ -95,7 +93,8 @@ def setup_dist() -> Dist:
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), device)
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), device,
+                torch.bfloat16 if cuda else torch.float32)
 
 
 def give_back_freed_memory():
@@ -110,14 +109,18 @@ def give_back_freed_memory():
 
 
 def shard(module: torch.nn.Module, dist: Dist) -> torch.nn.Module:
-    """FSDP2: each block, then the root. bf16 compute and fp32 gradient reduction on CUDA."""
+    """FSDP2: each block, then the root. Compute in dist.dtype (bf16 on CUDA) with fp32 gradient
+    reduction. FSDP2 does not cast forward inputs: before torch 2.13 it cast them in the forward
+    but not when an activation-checkpointed block is recomputed in the backward, so the fp32 RoPE
+    tables came back in another dtype and the first backward raised CheckpointError. The model
+    makes every input in the dtype it computes in (CausalLM.forward), the same both times."""
     if not torch_dist.is_initialized():  # one CPU process
         return module.to(dist.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if dist.device.type == "cuda":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        policy = MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(cast_forward_inputs=False)
+    if dist.dtype != torch.float32:
+        policy = MixedPrecisionPolicy(param_dtype=dist.dtype, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
     for block in module.model.layers:
         fully_shard(block, mp_policy=policy)
     return fully_shard(module, mp_policy=policy)

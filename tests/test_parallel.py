@@ -27,3 +27,19 @@ def test_sharded_load_and_gradient_memory(tmp_path):
     assert 0.3 * r["full_param_bytes"] < r["grad_bytes_between_micro_batches"] < 0.6 * r["full_param_bytes"]
     assert len(r["load_errors"]) == 2
     assert all("broken" in e and "up_proj" in e for e in r["load_errors"]), r["load_errors"]
+
+
+def test_bf16_checkpointed_update_under_torch_2_12_recompute(tmp_path):
+    """FSDP2 mixed precision (bf16 compute, fp32 master weights) with activation checkpointing,
+    FSDP2's casts skipped in the recompute as torch <= 2.12 does: the update completes, in bf16,
+    and moves every weight (with FSDP2 casting forward inputs, the recompute's fp32 RoPE tables
+    met saved bf16 ones: CheckpointError)."""
+    ckpt = make_tiny_checkpoint(str(tmp_path / "llama"), "llama", seed=1)
+    out = tmp_path / "out.json"
+    torchrun(ROOT / "tests" / "fsdp_mixed_check.py", [ckpt, str(out)], tmp_path)
+    reports = json.loads(out.read_text())
+    assert len(reports) == 2
+    for r in reports:
+        assert "error" not in r, r.get("trace")
+        assert r["compute_dtypes"] == ["torch.bfloat16"]
+        assert r["finite"] and r["changed"] == r["params"] and r["grad_norm"] > 0
