@@ -7,8 +7,10 @@ Sizes are counted, not estimated by hand: parameters from the model built on the
 the KV cache and optimizer state from their shapes; the activations the update keeps per token
 from a real training forward of a 1- and a 2-layer model of the same widths, with autograd's
 saved tensors counted (the difference is one layer's; the rest is the embedding, final norm and
-chunked log-probs). On CUDA that forward counts flash-attn's saves (q, k, v, output, lse) so a
-CPU can plan a GPU run; on CPU it runs the real SDPA path at the run's sequence length.
+chunked log-probs). On CUDA that forward counts what the attention backend that will run there
+saves (model.attention_backend: flash-attn's or torch's varlen_attn: q, k, v, output, lse; k and v
+repeated to q's heads where torch's lacks GQA), so a CPU can plan a GPU run; on CPU it runs the
+real SDPA path at the run's sequence length.
 """
 import os
 from dataclasses import dataclass
@@ -57,7 +59,14 @@ def _saved_bytes(cfg: M.ModelConfig, layers: int, dtype, grad_ckpt: bool, seq_le
     cu = torch.tensor([0, seq_len], dtype=torch.int32)
     real_attention = M.varlen_attention
     if flash_like:
-        M.varlen_attention = lambda q, k, v, cu, max_seqlen: _FlashLikeAttention.apply(q, k, v)
+        repeat = M.attention_backend("cuda", dtype) == "varlen" and M.varlen_repeats_kv()
+
+        def flash_like_attention(q, k, v, cu, max_seqlen):
+            if repeat:  # (N, H, D): as torch_varlen hands them to the kernel
+                g = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+            return _FlashLikeAttention.apply(q, k, v)
+        M.varlen_attention = flash_like_attention
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(ids, torch.arange(seq_len), cu, seq_len, targets=ids, entropy=True)
@@ -105,13 +114,14 @@ def plan(cfg: M.ModelConfig, args, world: int, cuda: bool, prompt_len: int,
     trained = [("policy", n_policy)] + ([("critic", parameter_count(cfg, True))] if critic else [])
     seq_len = prompt_len + args.max_new_tokens
     dtype = torch.bfloat16 if cuda else torch.float32
-    # flash-attn's saves grow linearly with tokens: 64 measure them; the CPU SDPA path needs the
-    # run's own sequence length.
-    measure_len = 64 if cuda else min(seq_len, args.micro_tokens)
-    full_layer, rest = activation_bytes(cfg, dtype, False, measure_len, cuda)
+    # FlashAttention's saves grow linearly with tokens: 64 measure them; the padded SDPA path
+    # (the CPU's, or CUDA with neither kernel) needs the run's own sequence length.
+    flash_like = cuda and M.attention_backend("cuda", dtype) != "sdpa"
+    measure_len = 64 if flash_like else min(seq_len, args.micro_tokens)
+    full_layer, rest = activation_bytes(cfg, dtype, False, measure_len, flash_like)
     kept_layer = full_layer
     if args.grad_ckpt:  # the block inputs only
-        kept_layer = activation_bytes(cfg, dtype, True, measure_len, cuda)[0]
+        kept_layer = activation_bytes(cfg, dtype, True, measure_len, flash_like)[0]
     layers = cfg.num_hidden_layers
     kept = layers * kept_layer + rest
     prompts = args.batch_prompts // world
@@ -143,8 +153,13 @@ def plan(cfg: M.ModelConfig, args, world: int, cuda: bool, prompt_len: int,
     rows.append((f"KV cache: {kv_tokens:,} tokens", kv, 0.0, 0.0))
     # fp32 logits, scaled, softmax; float64 probabilities and their CDF; and at most one live
     # prompt per slot has its prefill logits kept (its later samples start from them)
-    rows.append((f"decode logits and sampling: {slots} rows", slots * cfg.vocab_size * (28 + infer),
+    rows.append((f"decode logits and sampling: {slots} rows", slots * cfg.vocab_size * 32,
                  0.0, 0.0))
+    # model.token_logprobs' backward: two (chunk, vocab) fp32 blocks, and with low-precision
+    # weights an fp32 accumulator of the lm_head's gradient (with fp32 weights it is the gradient)
+    head = cfg.vocab_size * cfg.hidden_size * 4 if dtype != torch.float32 else 0.0
+    rows.append(("log-prob backward: fp32 lm_head gradient, 2 blocks", 0.0, 0.0,
+                 head + 2 * 256 * cfg.vocab_size * 4))
     rows.append((f"one block's activations at {micro:,} tokens", 0.0, micro * full_layer,
                  micro * full_layer if args.grad_ckpt else 0.0))  # recomputed in the backward
     rows.append((f"kept activations: {micro:,} tokens x {kept / 1e3:,.1f} kB", 0.0, 0.0,
@@ -157,8 +172,19 @@ def print_plan(args, name: str, cfg: M.ModelConfig, world: int, cuda: bool, prom
     held = plan(cfg, args, world, cuda, prompt_len, critic=name == "ppo",
                 reference=args.kl_coef > 0)
     where = f"{world} x {'CUDA' if cuda else 'CPU'}"
-    print(f"memory plan ({where}, prompts up to {prompt_len} tokens):\n{held.table()}\n"
+    print(f"memory plan ({where}, prompts up to {prompt_len} tokens, attention: "
+          f"{attention(cuda)}):\n{held.table()}\n"
           f"planned peak: {held.peak() / GB:.2f} GB per process", flush=True)
+
+
+def attention(cuda: bool) -> str:
+    """The attention kernel the plan counts: the one a run there gets."""
+    backend = M.attention_backend("cuda" if cuda else "cpu", torch.bfloat16 if cuda else
+                                  torch.float32)
+    if backend == "varlen" and M.varlen_repeats_kv():
+        return "torch varlen_attn, k/v repeated to q's heads (no enable_gqa before torch 2.12)"
+    return {"flash-attn": "flash-attn", "varlen": "torch varlen_attn",
+            "sdpa": "SDPA over padded sequences"}[backend]
 
 
 def plan_only(args, name: str):

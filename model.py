@@ -11,14 +11,21 @@ One forward serves every use:
     kvcache.Decode write k/v into the KV cache and attend over it; `SharedPrefix` lets a group's
     responses attend to one packed copy of their prompt (training and scoring);
   - a model built with a value head (PPO critic) returns one value per token instead.
-Attention backend: flash-attn's varlen kernel on CUDA in fp16/bf16 when importable, else SDPA
-over the sequences padded into one batch. `use_flash` is the one switch (tests inject a double).
+Attention over packed sequences (training, scoring, prefill), picked by `attention_backend`, the
+one switch: on CUDA in fp16/bf16, flash-attn's varlen kernel when the package imports, else torch's
+own FlashAttention (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10); on the CPU, SDPA over
+the sequences padded into one batch. Tests inject pure-PyTorch doubles of either kernel.
+Logits are float32 products of the low-precision weights (`logits_fp32`): the sampler and the
+trainer take every log-prob from the same unrounded numbers.
 """
+import functools
+import inspect
 import json
 import math
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +35,19 @@ from torch.utils.checkpoint import checkpoint
 
 try:
     import flash_attn as FLASH  # optional, CUDA only
-except ImportError:
+except ImportError as e:
     FLASH = None
+    if not (isinstance(e, ModuleNotFoundError) and e.name == "flash_attn"):  # installed, broken
+        print(f"note: flash-attn is installed but does not import ({e}); it was probably built "
+              f"for another torch. Attention runs through torch.nn.attention.varlen instead.",
+              file=sys.stderr)
+try:
+    from torch.nn.attention import varlen as VARLEN  # torch >= 2.10: FlashAttention-2 in torch
+except ImportError:
+    VARLEN = None
+# Devices whose matmuls take bf16 operands to an fp32 result (mm / addmm's `out_dtype`, torch >=
+# 2.8, CUDA only; tests add "cpu" with a double of the kernels)
+FP32_OUT_MATMUL = {"cuda"} if "dtype" in torch.ops.aten.mm.overloads() else set()
 
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 # A critic (PPO's value model) is saved as transformers' token-classification model with one label:
@@ -37,13 +55,27 @@ ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 CRITIC_ARCHS = {"LlamaForTokenClassification": "llama", "Qwen2ForTokenClassification": "qwen2"}
 
 
-def use_flash(x: torch.Tensor) -> bool:
-    """The one place that picks the attention backend (the flash-attn test double runs on CPU)."""
-    if FLASH is None:
+def _runs(kernel, device: str, dtype: torch.dtype) -> bool:
+    """Whether a FlashAttention `kernel` (a module, or None when absent) runs on tensors of this
+    device type and dtype: CUDA in fp16/bf16, or anywhere for a test double."""
+    if kernel is None:
         return False
-    if getattr(FLASH, "IS_TEST_DOUBLE", False):
+    if getattr(kernel, "IS_TEST_DOUBLE", False):
         return True
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    return device == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def use_flash(x: torch.Tensor) -> bool:
+    """Whether flash-attn runs the model (its KV-cache layout and decode kernel too)."""
+    return _runs(FLASH, x.device.type, x.dtype)
+
+
+def attention_backend(device: str, dtype: torch.dtype) -> str:
+    """The one place that picks the attention of packed sequences on a device type in a dtype:
+    "flash-attn", "varlen" (torch's varlen_attn) or "sdpa" (padded: the CPU's)."""
+    if _runs(FLASH, device, dtype):
+        return "flash-attn"
+    return "varlen" if _runs(VARLEN, device, dtype) else "sdpa"
 
 
 # ----------------------------------------------------------------------------- config
@@ -153,9 +185,14 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
     j <= i + Lk - Lq (flash-attn's bottom-right causal alignment)."""
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
-    if use_flash(q):
+    backend = attention_backend(q.device.type, q.dtype)
+    if backend == "flash-attn":
         return FLASH.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k,
                                             causal=True)
+    if backend == "varlen":
+        return torch_varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k)
+    if q.is_cuda:
+        _say_padded_attention()
     # SDPA fallback: the sequences scattered into a right-padded batch (padded rows are computed
     # and dropped), cost O(S * Tq * Tk). With a shared prefix, sequences whose queries are their
     # keys and those with fewer queries are two batches, so that short queries are not padded to
@@ -174,6 +211,39 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
             out[rq] = _padded_sdpa(q[rq], k[rk], v[rk], q_lens[part], k_lens[part],
                                    int(q_lens[part].max()), int(k_lens[part].max()), square)
     return out
+
+
+def torch_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int):
+    """Causal varlen_attn of torch's own FlashAttention, whose arguments changed between torch
+    versions (read from its signature): causal is `is_causal=True` on 2.10, and from 2.11 the
+    window (-1, 0), flash-attn's bottom-right alignment when queries are fewer than keys; k/v with
+    fewer heads than q need `enable_gqa` (2.12+), before which they are repeated to q's heads."""
+    params = varlen_params(VARLEN.varlen_attn)
+    kw = dict(window_size=(-1, 0)) if "window_size" in params else dict(is_causal=True)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            g = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (Nk, H, D)
+    return VARLEN.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+
+@functools.lru_cache
+def _say_padded_attention():
+    print("warning: neither flash-attn nor torch.nn.attention.varlen (torch >= 2.10) is here: "
+          "attention on CUDA runs padded through SDPA, whose memory grows with the square of the "
+          "sequence length", file=sys.stderr)
+
+
+@functools.lru_cache
+def varlen_params(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def varlen_repeats_kv() -> bool:
+    """Whether torch_varlen repeats k/v heads for GQA (torch < 2.12): what the plan counts."""
+    return VARLEN is not None and "enable_gqa" not in varlen_params(VARLEN.varlen_attn)
 
 
 def _padded_sdpa(q, k, v, q_lens, k_lens, max_q: int, max_k: int, square: bool):
@@ -338,11 +408,31 @@ class CausalLM(nn.Module):
             return self.score(x).squeeze(-1).float()  # (N,)
         if targets is not None:
             return token_logprobs(x, self.lm_head.weight, targets, temperature, entropy)
-        logits = self.lm_head(x)
+        logits = logits_fp32(x, self.lm_head.weight)  # (N, V)
         return logits.view(*batch_shape, -1) if batch_shape is not None else logits  # (B, T, V)
 
 
 # ----------------------------------------------------------------------------- log-probs
+
+def fp32_operand(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as logits_fp32 multiplies it: as it is where the GPU multiplies bf16 into fp32
+    (or it is fp32 already), else an fp32 copy, made once per call by the caller (the CPU)."""
+    if weight.dtype == torch.float32 or weight.device.type in FP32_OUT_MATMUL:
+        return weight
+    return weight.float()
+
+
+def logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden (N, H) @ weight.T (V, H) -> (N, V) float32. In bf16 the products accumulate in fp32
+    and are not rounded back to bf16 (a 0.1-nat error in a log-prob at vocabulary 128k), so the
+    sampler (B rows) and the trainer (chunks of rows) get the same numbers."""
+    if weight.dtype == torch.float32:
+        return hidden.float() @ weight.t()
+    if hidden.device.type in FP32_OUT_MATMUL:
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    return hidden.float() @ weight.float().t()  # exact products of bf16 numbers, fp32 sums
+
+
 
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(h @ W.T / T)[target] and entropy, one `(chunk, vocab)` float32 block at a time.
@@ -354,8 +444,9 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk, entropy):
         lse, mean_z, logp = [], [], []
+        w = fp32_operand(weight)
         for i in range(0, hidden.shape[0], chunk):
-            z = (hidden[i:i + chunk] @ weight.t()).float()  # (C, V)
+            z = logits_fp32(hidden[i:i + chunk], w)  # (C, V)
             if temperature != 1.0:
                 z.div_(temperature)
             lse.append(torch.logsumexp(z, dim=-1))
@@ -372,9 +463,10 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, mean_z = ctx.saved_tensors
         grad_h, grad_w = torch.empty_like(hidden), torch.zeros_like(weight, dtype=torch.float32)
+        w = fp32_operand(weight)  # bf16 on CUDA: bf16 matmuls accumulating in fp32, no copy
         for i in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(i, i + ctx.chunk)
-            z = (hidden[sl] @ weight.t()).float()  # (C, V), recomputed
+            z = logits_fp32(hidden[sl], w)  # (C, V), recomputed
             if ctx.temperature != 1.0:
                 z.div_(ctx.temperature)
             p = z.sub(lse[sl, None]).exp_()  # one (C, V) block, not two
@@ -386,8 +478,13 @@ class _TokenLogprobs(torch.autograd.Function):
             z.scatter_add_(-1, targets[sl, None], g_logp[sl, None])  # + g * onehot
             if ctx.temperature != 1.0:
                 z.div_(ctx.temperature)  # dL/d(h @ W.T)
-            grad_h[sl] = (z @ weight.float()).to(hidden.dtype)
-            grad_w.addmm_(z.t(), hidden[sl].float())
+            if w.dtype == torch.float32:
+                grad_h[sl] = (z @ w).to(hidden.dtype)
+                grad_w.addmm_(z.t(), hidden[sl].float())
+            else:  # bf16 operands, fp32 accumulation: grad_w += z.T @ h in fp32
+                dz = z.to(w.dtype)
+                grad_h[sl] = (dz @ w).to(hidden.dtype)
+                torch.addmm(grad_w, dz.t(), hidden[sl], out_dtype=torch.float32, out=grad_w)
         return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 

@@ -1,0 +1,125 @@
+"""model.py's CUDA branches on the CPU, through test doubles of the CUDA-only kernels: bf16 x bf16
+-> fp32 matmuls (mm / addmm's out_dtype overloads), torch's varlen_attn."""
+import pytest
+import torch
+
+import model as M
+import sampling
+from tiny import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama"), "llama", seed=1)
+
+
+@pytest.fixture
+def fp32_out_matmul(monkeypatch):
+    """CPU kernels of aten's mm.dtype and addmm.dtype_out (CUDA-only in torch): bf16 operands,
+    products and sums in fp32 as the GPU's tensor cores accumulate, an fp32 result; and model.py
+    told that the CPU has them, so its CUDA branch runs."""
+    lib = torch.library.Library("aten", "IMPL")
+
+    def mm(a, b, out_dtype):
+        assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
+        return a.float() @ b.float()
+
+    def addmm_out(acc, a, b, out_dtype, *, beta=1, alpha=1, out):
+        assert a.dtype == b.dtype == torch.bfloat16 and acc.dtype == out.dtype == out_dtype
+        return out.copy_(beta * acc + alpha * (a.float() @ b.float()))
+    lib.impl("mm.dtype", mm, "CPU")
+    lib.impl("addmm.dtype_out", addmm_out, "CPU")
+    monkeypatch.setattr(M, "FP32_OUT_MATMUL", {"cpu"})
+    yield
+    lib._destroy()
+
+
+def bf16_model(ckpt, head_scale: float = 40.0):
+    """The tiny model in bf16 with its lm_head scaled up so that logits reach ~+-20, as a real
+    model's do: there, bf16 rounding of a logit is ~0.06."""
+    m = M.load_model(ckpt, dtype=torch.bfloat16)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(head_scale)
+    return m
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_sampler_and_trainer_logprobs_agree_in_bf16(ckpt, request, double):
+    """The sampler's log-probs (logits from the forward, then sampling.sample_tokens) and the
+    trainer's (chunked model.token_logprobs) of the same tokens: equal up to fp32 rounding, on
+    the CPU's fp32 path and on the CUDA branch (fp32-output matmuls). With logits rounded to bf16
+    they differed by up to ~0.1."""
+    if double:
+        request.getfixturevalue("fp32_out_matmul")
+    m = bf16_model(ckpt)
+    torch.manual_seed(0)
+    seqs = [torch.randint(0, 384, (n,)).tolist() for n in (40, 17, 300)]
+    ids, pos, cu, mx = M.pack(seqs)
+    for temperature in (1.0, 0.7):
+        logits = m(ids, pos, cu, mx)  # (N, V)
+        assert logits.dtype == torch.float32 and logits.abs().max() > 15
+        u = torch.rand(len(ids), dtype=torch.float64)
+        tokens, sampler = sampling.sample_tokens(logits, temperature, 0, 1.0, u)
+        trainer, _ = m(ids, pos, cu, mx, targets=tokens, temperature=temperature)
+        assert (trainer - sampler).abs().max() < 2e-5
+        # and both are the fp32 log-softmax of the bf16 weights' exact products
+        ref = torch.log_softmax(logits.double() / temperature, -1).gather(-1, tokens[:, None])
+        assert (trainer.double() - ref[:, 0]).abs().max() < 2e-5
+
+
+def test_bf16_logprob_backward_has_fp32_accuracy_and_no_weight_copy(fp32_out_matmul):
+    """The CUDA branch of the log-prob backward: bf16 operands into fp32 sums, gradients as
+    accurate as bf16 inputs allow, and no fp32 copy of the (vocab, hidden) weight (it was one
+    per 256-row chunk: 2.1 GB and an fp32 matmul each at Llama-8B)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(0)
+    n, hidden, vocab = 600, 32, 512
+    h = torch.randn(n, hidden).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden) * 2).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (n,))
+    g_lp, g_ent = torch.randn(n), torch.randn(n)
+
+    class Copies(TorchDispatchMode):  # fp32 tensors of the weight's shape made by conversion
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (func is torch.ops.aten._to_copy.default and out.shape == w.shape
+                    and out.dtype == torch.float32):
+                Copies.count += 1
+            return out
+    lp, ent = M.token_logprobs(h, w, targets, 0.8, entropy=True, chunk=128)
+    with Copies():
+        (lp * g_lp + ent * g_ent).sum().backward()
+    assert Copies.count == 0
+    # float64 reference on the same bf16 numbers
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    logp = torch.log_softmax(h64 @ w64.t() / 0.8, -1)
+    ref_lp = logp.gather(-1, targets[:, None])[:, 0]
+    ref_ent = -(logp.exp() * logp).sum(-1)
+    assert (lp.double() - ref_lp).abs().max() < 1e-4 and (ent.double() - ref_ent).abs().max() < 1e-4
+    (ref_lp * g_lp.double() + ref_ent * g_ent.double()).sum().backward()
+    for ours, ref in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert ours.dtype == torch.bfloat16
+        assert (ours.double() - ref).abs().max() < 2e-2 * ref.abs().max()  # bf16 rounding
+
+
+def test_cpu_bf16_logprobs_copy_the_weight_once_per_call(ckpt):
+    """Without fp32-output matmuls (the CPU, torch < 2.8) the weight is converted once per call,
+    not once per chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    w = torch.randn(512, 32).bfloat16().requires_grad_()
+    h = torch.randn(1000, 32).bfloat16().requires_grad_()
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.shape == w.shape:
+                copies.append(out.dtype)
+            return out
+    with Copies():
+        lp, _ = M.token_logprobs(h, w, torch.randint(0, 512, (1000,)), chunk=100)
+        lp.sum().backward()
+    # forward: 1, backward: 1 and the bf16 gradient handed back
+    assert copies == [torch.float32, torch.float32, torch.bfloat16]
