@@ -79,6 +79,8 @@ def parse_args(argv=None):
                    help="output dir: results.json and one JSONL of samples per benchmark "
                         "(default: CHECKPOINT/eval for a local dir, runs/eval/ORG__NAME for a "
                         "hub id)")
+    p.add_argument("--dist-timeout", type=float, default=120,
+                   help="under torchrun: minutes a rank waits for the others at a collective")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --out (else a second run is refused)")
     return resolve_args(p, p.parse_args(argv))
@@ -96,6 +98,7 @@ def resolve_args(p: argparse.ArgumentParser, args):
              ("--seed", args.seed, 0 <= args.seed < 2**32, "in [0, 2^32)"),
              ("--limit", args.limit, args.limit >= 0, ">= 0"),
              ("--bootstrap", args.bootstrap, args.bootstrap >= 1, ">= 1"),
+             ("--dist-timeout", args.dist_timeout, args.dist_timeout > 0, "> 0"),
              ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
              ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
              ("--temperature", args.temperature, (args.temperature or 0) >= 0, ">= 0")]
@@ -254,13 +257,14 @@ def print_table(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = setup_dist()
+    model_dir = M.resolve(args.checkpoint)  # a hub download before any collective can wait
+    dist = setup_dist(args.dist_timeout)
     log = print if dist.main else (lambda *a: None)
     if dist.main:
         claim_out(args)
     from transformers import AutoTokenizer
-    model = M.load_model(args.checkpoint, dist.device, dist.dtype)
-    tok = AutoTokenizer.from_pretrained(M.resolve(args.checkpoint))
+    model = M.load_model(model_dir, dist.device, dist.dtype)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     sampling = rollout.Sampling(n=args.n, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                 max_cache_tokens=args.max_cache_tokens)

@@ -134,6 +134,9 @@ def _run_flags(p):
         help="--resume with flags that change the algorithm or data order (said in the log)")
     add("--samples-every", type=int, default=10, help="write a few completions every N steps")
     add("--wandb-project", default=None, help="log to wandb (offline without WANDB_API_KEY)")
+    add("--dist-timeout", type=float, default=120,
+        help="minutes a collective waits for the other ranks (NCCL's own default is 10: less "
+             "than rank 0 saving a 16 GB checkpoint while the others wait)")
     add("--threads", type=int, default=None,
         help="torch CPU threads per process (default: $OMP_NUM_THREADS if set, else the cores "
              "this process may use divided by the ranks on this machine: never oversubscribed)")
@@ -181,6 +184,7 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
              ("--entropy-coef", args.entropy_coef, args.entropy_coef >= 0, "must be >= 0"),
              ("--threads", args.threads, args.threads is None or args.threads >= 1,
               "must be >= 1"),
+             ("--dist-timeout", args.dist_timeout, args.dist_timeout > 0, "must be > 0"),
              ("--tis-cap", args.tis_cap, args.tis_cap == 0 or args.tis_cap >= 1,
               "must be 0 (off) or >= 1"),
              ("--overlong-buffer", args.overlong_buffer,

@@ -40,7 +40,12 @@ class Run:
         """Everything but the models, each checked before any model loads: processes, --out
         (writable, not another live run's, resumable), seeds, tokenizer, questions, the plan."""
         self.args, self.name = args, name
-        self.dist = setup_dist()
+        # A hub model is downloaded before the process group exists, so no collective waits on
+        # it: every rank at once, the hub's cache locking each file while one process fetches it.
+        for model in (args.model, getattr(args, "critic", None)):
+            if model not in (None, "tiny"):
+                M.resolve(model)
+        self.dist = setup_dist(args.dist_timeout)
         if args.batch_prompts % self.dist.world:
             raise ValueError(f"--batch-prompts {args.batch_prompts} must be a multiple of the "
                              f"{self.dist.world} ranks")
@@ -91,8 +96,8 @@ class Run:
                  else " (no checkpoints: --save-every 0)"), flush=True)
 
     def local_model(self, name: str) -> str:
-        """A local dir for `name`: 'tiny' is written once into --out; hub ids are downloaded on
-        rank 0 first."""
+        """A local dir for `name`: 'tiny' is written once into --out; a hub id's download (made
+        before the process group: __init__)."""
         if name == "tiny":
             path = os.path.join(self.args.out, "tiny-init")
             if self.dist.main and not os.path.exists(os.path.join(path, "config.json")):
@@ -100,9 +105,6 @@ class Run:
                 make_tiny_checkpoint(path, "llama", seed=self.args.seed)
             self.dist.barrier()
             return path
-        if self.dist.main:
-            M.resolve(name)
-        self.dist.barrier()
         return M.resolve(name)
 
     def trainable(self, name: str, path: str, lr: float, value_head: bool = False) -> Trainable:

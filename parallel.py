@@ -6,6 +6,7 @@ group (so FSDP2's bf16 mixed precision applies there too). Every collective live
 so the rest of medrl never imports torch.distributed.
 """
 import ctypes
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -34,9 +35,13 @@ class Dist:
         """A process group exists (torchrun, or one GPU as a one-rank group)."""
         return torch_dist.is_initialized()
 
-    def sum(self, values: list[float]) -> list[float]:
-        """All-reduce a list of floats (one collective, same length on every rank)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def sum(self, values: list[float] | torch.Tensor) -> list[float]:
+        """All-reduce a list of floats, or a 1-D tensor on this device (then the host reads the
+        device once, after the collective): one collective, the same length on every rank."""
+        if isinstance(values, torch.Tensor):
+            t = values.to(torch.float64)
+        else:
+            t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world > 1:
             torch_dist.all_reduce(t)
         return t.tolist()
@@ -78,8 +83,11 @@ class Dist:
             torch_dist.destroy_process_group()
 
 
-def setup_dist() -> Dist:
-    """torchrun's environment -> Dist; NCCL on CUDA, gloo on CPU. Plain `python` is one rank."""
+def setup_dist(timeout_minutes: float = 120) -> Dist:
+    """torchrun's environment -> Dist; NCCL on CUDA, gloo on CPU. Plain `python` is one rank.
+    A collective waits up to `timeout_minutes` for the other ranks (NCCL's default, 10 minutes,
+    is shorter than rank 0 writing a 16 GB checkpoint while the others wait, or than the
+    difference in generation time between ranks)."""
     cuda = torch.cuda.is_available()
     if not cuda:
         give_back_freed_memory()
@@ -88,11 +96,13 @@ def setup_dist() -> Dist:
             return Dist()
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before the group: its communicator binds this device
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if cuda else "gloo",
+                                      timeout=datetime.timedelta(minutes=timeout_minutes),
+                                      device_id=device if cuda else None)
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), device,
                 torch.bfloat16 if cuda else torch.float32)
 
@@ -155,8 +165,10 @@ def load_sharded(path: str, dist: Dist, dtype: torch.dtype, value_head: bool = F
 
 
 class Gathered:
-    """Context: every FSDP parameter gathered, and kept so, for generation (no collectives inside,
-    so ranks may decode different numbers of steps); resharded on exit. A no-op unsharded."""
+    """Context: every FSDP parameter gathered for generation, as a plain model over the gathered
+    tensors (no copy): no FSDP hooks run in a decode step and no collective, so ranks may decode
+    different numbers of steps. Resharded on exit, after which that model must not be used.
+    Unsharded, the module itself."""
 
     def __init__(self, module):
         from torch.distributed.fsdp import FSDPModule
@@ -164,12 +176,25 @@ class Gathered:
         self.fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
 
     def __enter__(self):
+        if not self.fsdp:
+            return self.module
         for m in self.fsdp:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        return self.module
+            m.unshard()  # waits: every parameter is now the full tensor (in the compute dtype)
+        return plain_model(self.module)
 
     def __exit__(self, *exc):
         for m in self.fsdp:
             m.reshard()
-            m.set_reshard_after_forward(m is not self.module, recurse=False)  # root: FSDP's default
+
+
+def plain_model(module: M.CausalLM) -> M.CausalLM:
+    """A CausalLM of `module`'s config holding `module`'s current parameter tensors (shared)."""
+    with torch.device("meta"):
+        plain = M.CausalLM(module.config)
+    state = {name: p.detach() for name, p in module.named_parameters()}
+    missing = plain.load_state_dict(state, strict=False, assign=True).missing_keys
+    plain.tie_weights()
+    tied = module.config.tie_word_embeddings and not module.config.value_head
+    assert missing == (["lm_head.weight"] if tied else []), missing  # a tied head has no key
+    plain.inv_freq, plain.generation_config = module.inv_freq, module.generation_config
+    return plain

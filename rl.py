@@ -265,13 +265,15 @@ def score(model, rollouts: list[Rollout], args, dist: Dist) -> list[torch.Tensor
     CPU. Every rank runs the same number of forwards."""
     critic = model.config.value_head
     mbs = micro_batches(rollouts, args.micro_tokens, dist.device)
-    out = []
+    dummy = dummy_batch(dist.device)
+    out = []  # on the device until all are done: one read, not one per micro-batch
     for i in range(dist.max(len(mbs))):
-        mb = mbs[i] if i < len(mbs) else dummy_batch(dist.device)
+        mb = mbs[i] if i < len(mbs) else dummy
         per_token = values(model, mb) if critic else logprobs(model, mb, args.temperature)[0]
         if i < len(mbs):
-            out += [t.cpu() for t in per_token.float().split(mb.lengths)]  # (R_i,) each
-    return out
+            out.append(per_token.float())  # (R_i,)
+    lengths = [len(r.response_ids) for r in rollouts]
+    return list(torch.cat(out).cpu().split(lengths)) if out else []
 
 
 # ----------------------------------------------------------------------------- update
@@ -303,7 +305,9 @@ class Trainable:
     def load(cls, name: str, path: str, lr: float, args, dist: Dist, value_head: bool = False):
         module = load_sharded(path, dist, torch.float32, value_head)
         module.gradient_checkpointing = args.grad_ckpt
-        opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=args.weight_decay)
+        # fused: one kernel for every parameter's update on CUDA (the CPU keeps the default)
+        opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=args.weight_decay,
+                                fused=dist.device.type == "cuda" or None)
         total = args.steps * args.ppo_epochs * args.mini_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
         return cls(name, module, opt, schedule, lr)
@@ -344,27 +348,33 @@ def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist
                                       - sum(len(r.response_ids) for r in computed)])
     if seqs == 0:
         return None
+    # Everything a micro-batch needs is on the device before the first forward, and its
+    # statistics stay there: the host reads the device once per optimizer step (grad norm and
+    # sums), so it never waits for a micro-batch to finish before queueing the next.
     mbs = micro_batches(computed, args.micro_tokens, dist.device)
-    sums = {"loss": 0.0, "tokens": 0.0}
+    weights = [token_weights(mb.lengths, args.loss_agg, max(tokens, 1), max(seqs, 1),
+                             args.max_new_tokens).to(dist.device) for mb in mbs]
+    dummy = dummy_batch(dist.device)  # zero weight: keeps this rank's forwards and backwards
+    zero = torch.zeros(1, device=dist.device)  # matched with the others'
+    sums = {"loss": torch.zeros((), device=dist.device)}
+    computed_tokens = sum(len(mb.targets) for mb in mbs)
     # At least one (dummy) micro-batch: with every rollout skipped, zero gradients still make
     # AdamW take the step it would have taken (its moments decay), as without the skip.
     for i in range(max(dist.max(len(mbs)), 1)):
-        dummy = i >= len(mbs)  # keeps this rank's forwards and backwards matched with the others'
-        mb = dummy_batch(dist.device) if dummy else mbs[i]
-        weights = token_weights(mb.lengths, args.loss_agg, max(tokens, 1), max(seqs, 1),
-                                args.max_new_tokens).to(dist.device) * (0.0 if dummy else 1.0)
-        loss, per_token = loss_fn(mb, weights)
+        real = i < len(mbs)
+        loss, per_token = loss_fn(mbs[i] if real else dummy, weights[i] if real else zero)
         (loss * dist.world).backward()  # FSDP averages over ranks; the weights are global already
-        sums["loss"] += loss.item()
-        sums["tokens"] += 0 if dummy else len(mb.targets)
+        sums["loss"] = sums["loss"] + loss.detach().float()
         for key, t in per_token.items():  # every rank adds every key: the all-reduce below matches
-            sums[key] = sums.get(key, 0.0) + (0.0 if dummy else t.detach().float().sum().item())
+            sums[key] = sums.get(key, 0.0) + (t.detach().float().sum() if real else zero.sum())
     grad_norm = clip_grads(part.module, args.grad_clip)
     part.opt.step()
     part.sched.step()
     part.opt.zero_grad(set_to_none=True)
-    sums = dict(zip(sums, dist.sum(list(sums.values()))))
-    return dict(sums, skipped_tokens=skipped, grad_norm=grad_norm, lr=part.sched.get_last_lr()[0])
+    totals = dist.sum(torch.stack([*sums.values(), torch.tensor(float(computed_tokens),
+                                                                device=dist.device)]))
+    out = dict(zip([*sums, "tokens"], totals))
+    return dict(out, skipped_tokens=skipped, grad_norm=grad_norm, lr=part.sched.get_last_lr()[0])
 
 
 def clip_grads(module, max_norm: float) -> float:

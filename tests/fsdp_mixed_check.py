@@ -6,8 +6,10 @@ activation checkpointing, as on CUDA, under torch <= 2.12's FSDP2 recompute.
 Before torch 2.13, FSDP2 cast a module's forward inputs to the compute dtype in the forward but
 not when activation checkpointing recomputed the module in the backward (pytorch#159359): here
 its casts are skipped while a module is in PRE_BACKWARD, as 2.11 and 2.12 do, on any torch.
-Rank 0 writes OUT.json: the update's loss and grad norm, whether every weight stayed finite and
-changed, and the error if the update raised.
+Then each rank samples under parallel.Gathered, whose model must be a plain one (no FSDP hooks),
+against a plain bf16 model of the updated weights. Rank 0 writes OUT.json: per rank, the update's
+loss and grad norm, whether every weight stayed finite and changed, the sampling comparison, and
+the error if something raised.
 """
 import json
 import sys
@@ -18,8 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo  # noqa: E402
+import model as M  # noqa: E402
 import rl  # noqa: E402
-from parallel import setup_dist  # noqa: E402
+import rollout  # noqa: E402
+from parallel import Gathered, setup_dist  # noqa: E402
 
 
 def recompute_without_casts():
@@ -49,6 +53,27 @@ def rollouts(rank: int, n: int = 4):
     return out
 
 
+def sample_gathered(sharded, ckpt: str, rank: int) -> dict:
+    """Sampling with the gathered weights against a plain bf16 model of the same weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    plain = M.load_model(ckpt, dtype=torch.bfloat16)
+    plain.load_state_dict({k: v.to(torch.bfloat16) for k, v in full.items()})
+    g = torch.Generator().manual_seed(rank)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (3 + rank, 9)]
+    sampling = rollout.Sampling(n=2, max_new_tokens=6 + 3 * rank, seed=rank)
+    with Gathered(sharded) as m:
+        hooks = sum(isinstance(x, FSDPModule) for x in m.modules())
+        dtype = str(m.model.embed_tokens.weight.dtype)
+        ours = rollout.generate(m, prompts, sampling, stop_ids=[], progress=False)
+    ref = rollout.generate(plain, prompts, sampling, stop_ids=[], progress=False)
+    return dict(gathered_fsdp_modules=hooks, gathered_dtype=dtype,
+                same_tokens=[s.response_ids for s in ours] == [s.response_ids for s in ref],
+                logprob_max_diff=max(abs(a - b) for s, r in zip(ours, ref)
+                                     for a, b in zip(s.logprobs, r.logprobs)))
+
+
 def main(ckpt: str, out: str):
     recompute_without_casts()
     d = setup_dist()
@@ -71,6 +96,7 @@ def main(ckpt: str, out: str):
                       finite=all(bool(torch.isfinite(p).all()) for p in after),
                       changed=sum(not torch.equal(a, b) for a, b in zip(before, after)),
                       params=len(after), compute_dtypes=sorted(seen))
+        report.update(sample_gathered(part.module, ckpt, d.rank))
     except Exception as e:  # the report says what failed; the test shows it
         report = dict(error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
     reports = d.gather(report)

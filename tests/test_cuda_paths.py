@@ -1,5 +1,7 @@
 """model.py's CUDA branches on the CPU, through test doubles of the CUDA-only kernels: bf16 x bf16
 -> fp32 matmuls (mm / addmm's out_dtype overloads), torch's varlen_attn."""
+import functools
+
 import pytest
 import torch
 
@@ -123,3 +125,106 @@ def test_cpu_bf16_logprobs_copy_the_weight_once_per_call(ckpt):
         lp.sum().backward()
     # forward: 1, backward: 1 and the bf16 gradient handed back
     assert copies == [torch.float32, torch.float32, torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------- torch's varlen_attn
+
+def varlen_double(version: str | None):
+    import varlen_attn_double
+    return varlen_attn_double if version is None else varlen_attn_double.for_version(version)
+
+
+def test_backend_choice(monkeypatch):
+    """flash-attn where it imports, else torch's varlen_attn, on CUDA in half precision; SDPA on
+    the CPU (real kernels: no IS_TEST_DOUBLE)."""
+    real = object()
+    monkeypatch.setattr(M, "FLASH", None)
+    monkeypatch.setattr(M, "VARLEN", real)
+    assert M.attention_backend("cuda", torch.bfloat16) == "varlen"
+    assert M.attention_backend("cuda", torch.float32) == "sdpa"
+    assert M.attention_backend("cpu", torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(M, "FLASH", real)
+    assert M.attention_backend("cuda", torch.float16) == "flash-attn"
+    monkeypatch.setattr(M, "FLASH", None)
+    monkeypatch.setattr(M, "VARLEN", None)  # torch < 2.10
+    assert M.attention_backend("cuda", torch.bfloat16) == "sdpa"
+
+
+@pytest.mark.parametrize("version", [None, "2.12", "2.11", "2.10"])
+def test_varlen_path_matches_sdpa(ckpt, monkeypatch, version):
+    """Packed training forward and backward, and a group's responses attending to one shared
+    prompt (fewer queries than keys: bottom-right causal), through each torch version's
+    varlen_attn signature (2.10 is_causal; 2.11 a window and no GQA: k/v repeated; 2.12+
+    enable_gqa), against the CPU's padded SDPA."""
+    import rl
+    torch.manual_seed(0)
+    m = M.load_model(ckpt)
+    assert m.config.num_key_value_heads < m.config.num_attention_heads  # GQA
+    prompt = torch.randint(0, 384, (13,)).tolist()
+    group = [rl.Rollout(None, 0, prompt, torch.randint(0, 384, (n,)).tolist(), None, "stop")
+             for n in (9, 1, 20)]
+    group.append(rl.Rollout(None, 1, [5, 6], [7, 8, 9], None, "stop"))
+    mb = rl.pack(group, "cpu")
+    assert mb.attention is not None  # the shared-prefix layout
+    seqs = [torch.randint(0, 384, (n,)).tolist() for n in (7, 31, 2)]
+    ids, pos, cu, mx = M.pack(seqs)
+
+    def run():
+        m.zero_grad()
+        logits = m(ids, pos, cu, mx)
+        lp, _ = rl.logprobs(m, mb, temperature=1.0)
+        (logits.square().mean() + lp.sum()).backward()
+        return logits, lp, [p.grad.clone() for p in m.parameters()]
+    ref = run()
+    monkeypatch.setattr(M, "VARLEN", varlen_double(version))
+    assert M.attention_backend("cpu", torch.float32) == "varlen"
+    calls = []
+    real = M.VARLEN.varlen_attn
+
+    @functools.wraps(real)  # the same signature, which torch_varlen reads
+    def counted(q, k, v, *args, **kw):
+        calls.append((q.shape[1], k.shape[1], kw))
+        return real(q, k, v, *args, **kw)
+    monkeypatch.setattr(M.VARLEN, "varlen_attn", counted)
+    ours = run()
+    assert calls and len(calls) % m.config.num_hidden_layers == 0
+    h, hkv = m.config.num_attention_heads, m.config.num_key_value_heads
+    q_heads, k_heads, kw = calls[0]
+    assert (q_heads, k_heads) == ((h, hkv) if version in (None, "2.12") else (h, h))
+    assert kw == ({"is_causal": True} if version == "2.10" else
+                  {"window_size": (-1, 0), **({} if version == "2.11" else {"enable_gqa": True})})
+    for a, b in zip(ours[:2], ref[:2]):
+        assert (a - b).abs().max() < 1e-5
+    for a, b in zip(ours[2], ref[2]):
+        assert (a - b).abs().max() <= 1e-5 * max(b.abs().max(), 1)
+
+
+def test_sampler_prefill_through_varlen(ckpt, monkeypatch):
+    """The sampler's packed prefill runs through varlen_attn too: the same completions."""
+    import rollout
+    m = M.load_model(ckpt)
+    prompts = [[1, 2, 3, 4, 5], [9, 8], [7] * 11]
+    sampling = rollout.Sampling(n=3, max_new_tokens=6, seed=4)
+    ref = rollout.generate(m, prompts, sampling, stop_ids=[], progress=False)
+    monkeypatch.setattr(M, "VARLEN", varlen_double(None))
+    ours = rollout.generate(m, prompts, sampling, stop_ids=[], progress=False)
+    assert [s.response_ids for s in ours] == [s.response_ids for s in ref]
+    assert max(abs(a - b) for s, r in zip(ours, ref) for a, b in zip(s.logprobs, r.logprobs)) < 1e-5
+
+
+def test_plan_counts_repeated_kv_before_torch_2_12(ckpt, monkeypatch):
+    """The memory plan of a CUDA run counts what its attention saves: torch 2.11's varlen_attn
+    keeps k and v at q's head count (repeated), 2.12's at the kv heads'."""
+    import grpo
+    import memory
+    cfg = M.read_config(ckpt)
+    args = grpo.get_args(["--model", "tiny", "--plan-device", "cuda"])
+    kept = {}
+    for version in ("2.12", "2.11"):
+        monkeypatch.setattr(M, "VARLEN", varlen_double(version))
+        rows = memory.plan(cfg, args, 1, True, prompt_len=64).rows
+        kept[version] = next(r[3] for r in rows if r[0].startswith("kept activations"))
+    extra = 2 * (cfg.num_attention_heads - cfg.num_key_value_heads) * cfg.head_dim * 2  # k, v
+    micro = args.micro_tokens
+    layers = cfg.num_hidden_layers
+    assert kept["2.11"] - kept["2.12"] == pytest.approx(micro * layers * extra, rel=0.01)

@@ -33,7 +33,8 @@ def test_bf16_checkpointed_update_under_torch_2_12_recompute(tmp_path):
     """FSDP2 mixed precision (bf16 compute, fp32 master weights) with activation checkpointing,
     FSDP2's casts skipped in the recompute as torch <= 2.12 does: the update completes, in bf16,
     and moves every weight (with FSDP2 casting forward inputs, the recompute's fp32 RoPE tables
-    met saved bf16 ones: CheckpointError)."""
+    met saved bf16 ones: CheckpointError). Then sampling with the gathered weights runs a plain
+    model, exactly as a bf16 model of those weights samples."""
     ckpt = make_tiny_checkpoint(str(tmp_path / "llama"), "llama", seed=1)
     out = tmp_path / "out.json"
     torchrun(ROOT / "tests" / "fsdp_mixed_check.py", [ckpt, str(out)], tmp_path)
@@ -43,3 +44,6 @@ def test_bf16_checkpointed_update_under_torch_2_12_recompute(tmp_path):
         assert "error" not in r, r.get("trace")
         assert r["compute_dtypes"] == ["torch.bfloat16"]
         assert r["finite"] and r["changed"] == r["params"] and r["grad_norm"] > 0
+        # sampling under Gathered: a plain bf16 model, no FSDP hooks, as a plain model samples
+        assert r["gathered_fsdp_modules"] == 0 and r["gathered_dtype"] == "torch.bfloat16"
+        assert r["same_tokens"] and r["logprob_max_diff"] == 0.0
