@@ -341,3 +341,29 @@ def test_skipping_dead_completions_changes_nothing_but_the_work(tmp_path):
     zero = sum(len(it.response_ids) for it in live if not it.advantages.any())
     assert [s["skipped_tokens"] for s in skip_stats] == [dead_tokens + zero, dead_tokens]
     assert full_stats[0]["loss"] == pytest.approx(skip_stats[0]["loss"], abs=1e-7)
+
+
+def test_update_reads_the_device_once_per_optimizer_step(tmp_path):
+    """The host reads the device (.item(), .tolist(), .cpu()) a fixed number of times per
+    optimizer step, not per micro-batch: on a GPU each read waits for every queued kernel, and
+    FSDP cannot prefetch across it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    path = make_tiny_checkpoint(str(tmp_path / "m"), seed=6)
+    reads = {}
+
+    class Reads(TorchDispatchMode):  # every way a CPU tensor becomes host numbers goes here
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads[self.key] = reads.get(self.key, 0) + 1
+            return func(*args, **(kwargs or {}))
+    for micro_tokens in (10_000, 12):
+        args = args_for(loss_agg="token-mean", micro_tokens=micro_tokens)
+        part = rl.Trainable.load("policy", path, 1e-3, args, Dist())
+        items = make_items()
+        loss_fn = functools.partial(grpo.policy_loss, part.module, args=args, kl_coef=0.0)
+        mode = Reads()
+        mode.key = len(rl.micro_batches(items, micro_tokens, "cpu"))
+        with mode:
+            rl.update(part, items, loss_fn, args, Dist())
+    assert len(reads) == 2 and min(reads) == 1 and max(reads) >= 4  # 1 and >= 4 micro-batches
+    assert len(set(reads.values())) == 1, reads
