@@ -117,7 +117,8 @@ class Run:
     def reference(self):
         """The frozen starting policy, sharded, in --reference-dtype."""
         dtype = reference_dtype(self.args, self.dist.device.type == "cuda")
-        return load_sharded(self.model_dir, self.dist, dtype).requires_grad_(False)
+        return load_sharded(self.model_dir, self.dist, dtype,
+                            compute_dtype=dtype).requires_grad_(False)  # fp32 asked: fp32
 
     def track(self, name: str, obj):
         """Checkpoint obj.state_dict() with the run and restore it on resume."""

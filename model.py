@@ -192,7 +192,7 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
     if backend == "varlen":
         return torch_varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k)
     if q.is_cuda:
-        _say_padded_attention()
+        _say_padded_attention(q.dtype)
     # SDPA fallback: the sequences scattered into a right-padded batch (padded rows are computed
     # and dropped), cost O(S * Tq * Tk). With a shared prefix, sequences whose queries are their
     # keys and those with fewer queries are two batches, so that short queries are not padded to
@@ -230,10 +230,11 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int):
 
 
 @functools.lru_cache
-def _say_padded_attention():
-    print("warning: neither flash-attn nor torch.nn.attention.varlen (torch >= 2.10) is here: "
-          "attention on CUDA runs padded through SDPA, whose memory grows with the square of the "
-          "sequence length", file=sys.stderr)
+def _say_padded_attention(dtype: torch.dtype):
+    why = (f"FlashAttention needs fp16 or bf16, not {dtype}" if dtype == torch.float32 else
+           "neither flash-attn nor torch.nn.attention.varlen (torch >= 2.10) is here")
+    print(f"warning: {why}: attention on CUDA runs padded through SDPA, whose memory grows with "
+          f"the square of the sequence length", file=sys.stderr)
 
 
 @functools.lru_cache

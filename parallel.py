@@ -118,29 +118,32 @@ def give_back_freed_memory():
         pass
 
 
-def shard(module: torch.nn.Module, dist: Dist) -> torch.nn.Module:
-    """FSDP2: each block, then the root. Compute in dist.dtype (bf16 on CUDA) with fp32 gradient
-    reduction. FSDP2 does not cast forward inputs: before torch 2.13 it cast them in the forward
+def shard(module: torch.nn.Module, dist: Dist, compute_dtype: torch.dtype | None = None):
+    """FSDP2: each block, then the root. Compute in `compute_dtype` (default dist.dtype: bf16 on
+    CUDA) with fp32 gradient reduction. FSDP2 does not cast forward inputs: before torch 2.13 it cast them in the forward
     but not when an activation-checkpointed block is recomputed in the backward, so the fp32 RoPE
     tables came back in another dtype and the first backward raised CheckpointError. The model
     makes every input in the dtype it computes in (CausalLM.forward), the same both times."""
     if not torch_dist.is_initialized():  # one CPU process
         return module.to(dist.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    compute_dtype = compute_dtype or dist.dtype
     policy = MixedPrecisionPolicy(cast_forward_inputs=False)
-    if dist.dtype != torch.float32:
-        policy = MixedPrecisionPolicy(param_dtype=dist.dtype, reduce_dtype=torch.float32,
+    if compute_dtype != torch.float32:
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
                                       cast_forward_inputs=False)
     for block in module.model.layers:
         fully_shard(block, mp_policy=policy)
     return fully_shard(module, mp_policy=policy)
 
 
-def load_sharded(path: str, dist: Dist, dtype: torch.dtype, value_head: bool = False):
+def load_sharded(path: str, dist: Dist, dtype: torch.dtype, value_head: bool = False,
+                 compute_dtype: torch.dtype | None = None):
     """A model from an HF checkpoint, sharded, from one host copy of the weights: every rank builds
     it on the meta device, shards it and allocates only its own shards; rank 0 reads the checkpoint
     and broadcasts it tensor by tensor, each rank keeping its slice. Host memory holds rank 0's
-    copy only; each device its shards plus one full tensor in flight."""
+    copy only; each device its shards plus one full tensor in flight. Weights are stored in
+    `dtype` and computed in `compute_dtype` (shard's default: dist.dtype)."""
     if not torch_dist.is_initialized():
         return M.load_model(path, dist.device, dtype, value_head=value_head)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -154,7 +157,7 @@ def load_sharded(path: str, dist: Dist, dtype: torch.dtype, value_head: bool = F
     error = dist.broadcast(error)  # every rank raises rank 0's error; none waits forever
     if error is not None:
         raise error
-    shard(model, dist)
+    shard(model, dist, compute_dtype)
     model.to_empty(device=dist.device)
     # strict=False: a tied lm_head has no key of its own; read_weights has checked every key.
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)

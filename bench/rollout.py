@@ -96,6 +96,11 @@ class Probe:
         R_.Decode.attend = self._timed("attention", self.orig_parts[0])
         R_.sample_tokens = self._timed("sampling", self.orig_parts[1], always=True)
         R_._sample_step = self._timed("sample_step", self.orig_parts[2], always=True)
+        # the lm_head's matmul: model.logits_fp32 where the model has it, else the Linear below
+        self.model_module = sys.modules[type(self.model).__module__]
+        self.orig_head = getattr(self.model_module, "logits_fp32", None)
+        if self.orig_head is not None:
+            self.model_module.logits_fp32 = self._timed("lm_head", self.orig_head)
         lm_head = getattr(self.model, "lm_head", None)
         for mod in [self.model] + [m for m in self.model.modules()
                                    if isinstance(m, torch.nn.Linear)]:
@@ -124,6 +129,8 @@ class Probe:
         self.R.Decode.attend, self.R.sample_tokens, self.R._sample_step = self.orig_parts
         for h in self.hooks:
             h.remove()
+        if self.parts and self.orig_head is not None:
+            self.model_module.logits_fp32 = self.orig_head
 
 
 def attended_tokens(run, slots) -> int:
