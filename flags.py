@@ -115,8 +115,8 @@ def _optimisation_flags(p):
     add("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
     add("--micro-tokens", type=int, default=None,
         help="token budget of one packed training micro-batch, a group's shared prompt counted "
-             "once (default: 16384 on CUDA; 2048 on CPU, where a real model's activations cost ~0.1-1.4 MB per token: the run's memory "
-             "plan shows it)")
+             "once (default: 16384 on CUDA; 2048 on CPU, where a real model's activations cost "
+             "~0.1-1.4 MB per token: the run's memory plan shows it)")
     add("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
         help="activation checkpointing per block (an 8B update at --micro-tokens 16384 keeps ~5 GB "
              "of activations with it, ~106 GB without: bench/activations.py)")

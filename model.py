@@ -434,7 +434,6 @@ def logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return hidden.float() @ weight.float().t()  # exact products of bf16 numbers, fp32 sums
 
 
-
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(h @ W.T / T)[target] and entropy, one `(chunk, vocab)` float32 block at a time.
 
@@ -564,8 +563,8 @@ def read_state_dict(path: str) -> dict:
         # of its own, aligned as torch allocates it; one tensor at a time, so the peak grows by
         # the largest one.
         while tensors:
-            name, t = tensors.popitem()
-            state[name] = t.clone()
+            key, t = tensors.popitem()
+            state[key] = t.clone()
     return state
 
 

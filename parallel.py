@@ -120,10 +120,11 @@ def give_back_freed_memory():
 
 def shard(module: torch.nn.Module, dist: Dist, compute_dtype: torch.dtype | None = None):
     """FSDP2: each block, then the root. Compute in `compute_dtype` (default dist.dtype: bf16 on
-    CUDA) with fp32 gradient reduction. FSDP2 does not cast forward inputs: before torch 2.13 it cast them in the forward
-    but not when an activation-checkpointed block is recomputed in the backward, so the fp32 RoPE
-    tables came back in another dtype and the first backward raised CheckpointError. The model
-    makes every input in the dtype it computes in (CausalLM.forward), the same both times."""
+    CUDA) with fp32 gradient reduction. FSDP2 does not cast forward inputs: before torch 2.13 it
+    cast them in the forward but not when an activation-checkpointed block is recomputed in the
+    backward, so the fp32 RoPE tables came back in another dtype and the first backward raised
+    CheckpointError. The model makes each input in the dtype it computes in (CausalLM.forward),
+    the same both times."""
     if not torch_dist.is_initialized():  # one CPU process
         return module.to(dist.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

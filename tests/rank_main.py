@@ -1,7 +1,7 @@
 """Runs one medrl script as a torchrun rank for the tests, then leaves without interpreter
 teardown.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/rank_main.py DONE SCRIPT ARGS...
+    torchrun --standalone --nproc_per_node 2 tests/rank_main.py DONE SCRIPT ARGS...
 
 The script runs as `python SCRIPT ARGS...` would run it. Once it returns, the rank writes
 DONE/rank-<RANK> and exits at once: gloo's worker threads, torn down with the interpreter after
