@@ -27,9 +27,8 @@ import model as M
 
 # Flags that only change bookkeeping: they may differ when resuming.
 BOOKKEEPING = {"out", "steps", "save_every", "keep_last", "samples_every", "val_every",
-               "wandb_project", "resume", "allow_flag_changes", "threads", "plan", "plan_world",
-               "plan_device",
-               "plan_prompt_tokens"}
+               "log_every", "wandb_project", "resume", "allow_flag_changes", "threads", "plan",
+               "plan_world", "plan_device", "plan_prompt_tokens"}
 
 
 def flag(dest: str) -> str:
@@ -148,9 +147,8 @@ def save(run, step: int) -> str:
         os.rename(final + ".tmp", final)
         for old in checkpoints(run.args.out)[:-run.args.keep_last]:
             shutil.rmtree(old)
-        print(f"saved {final}", flush=True)
     dist.barrier()
-    return final
+    return final  # the run says it on its own line (loop.Run.end_step): a bar may be drawn
 
 
 def _write(run, tmp: str, step: int):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import data
+import flags
 import model as M
 import reward
 import rollout
@@ -38,14 +39,11 @@ from parallel import Dist, setup_dist
 OPTIONAL = {"gpqa_medical"}  # gated: skipped, not fatal, when it cannot be had
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default after its help."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = flags.Parser(description=__doc__, formatter_class=flags.HelpFormatter)
     p.add_argument("checkpoint",
-                   help="HF-format checkpoint: a local dir (e.g. medrl's out/step-N) or a hub id")
+                   help="HF-format checkpoint: a local dir (e.g. medrl's out/step-N, the policy; "
+                        "not its critic/) or a hub id")
     # data
     p.add_argument("--benchmarks",
                    default="medqa,medmcqa,pubmedqa,mmlu_pro_health,gpqa_medical,medxpertqa",
@@ -65,7 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: 0 = greedy when n == 1, else 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=2048, help="completion length cap")
+    p.add_argument("--max-new-tokens", type=int, default=2048,
+                   help="completion length cap; 2048 is the GPU recipe's: on a CPU a real model "
+                        "decodes far slower, so try 256 (completions cut short show as trunc)")
     p.add_argument("--max-cache-tokens", type=int, default=262144,
                    help="KV-cache budget per rank, in tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling noise and bootstrap resamples")
@@ -93,6 +93,8 @@ def resolve_args(p: argparse.ArgumentParser, args):
     if unknown or not names:
         p.error(f"--benchmarks: unknown {', '.join(unknown) or 'empty list'}; "
                 f"known: {', '.join(data.BENCHMARKS)}")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        p.error(f"--data-dir {args.data_dir}: no such directory")
     rules = [("--num-samples", args.n, args.n >= 1, ">= 1"),
              ("--max-cache-tokens", args.max_cache_tokens, args.max_cache_tokens >= 1, ">= 1"),
              ("--seed", args.seed, 0 <= args.seed < 2**32, "in [0, 2^32)"),
@@ -119,8 +121,10 @@ def resolve_args(p: argparse.ArgumentParser, args):
 
 def claim_out(args):
     """One evaluation's files per --out: a second one is refused (or, with --overwrite, the
-    first one's files are removed first), so results of two runs never mix."""
-    os.makedirs(args.out, exist_ok=True)
+    first one's files are removed first), so results of two runs never mix. The dir itself is
+    made by the first write (write_results), so a launch that fails leaves no empty --out."""
+    if not os.path.isdir(args.out):
+        return
     ours = [f for f in os.listdir(args.out) if f == "results.json" or f.endswith(".jsonl")]
     if ours and not args.overwrite:
         raise FileExistsError(f"--out {args.out} already holds results "
@@ -258,6 +262,7 @@ def print_table(results):
 def main(argv=None):
     args = parse_args(argv)
     model_dir = M.resolve(args.checkpoint)  # a hub download before any collective can wait
+    M.read_policy_config(model_dir)  # a run dir or a critic is named before anything loads
     dist = setup_dist(args.dist_timeout)
     log = print if dist.main else (lambda *a: None)
     if dist.main:
@@ -282,6 +287,7 @@ def main(argv=None):
                                               args.bootstrap, args.seed)
         if dist.main:  # each benchmark's results are on disk as soon as it is done
             results[name] = metrics
+            os.makedirs(args.out, exist_ok=True)
             write_jsonl(os.path.join(args.out, f"{name}.jsonl"), records)
             pass_rates += [dict(id=r["id"], n=args.n,
                                 correct=sum(s["correct"] for s in r["samples"])) for r in records]
@@ -300,6 +306,7 @@ def main(argv=None):
 
 
 def write_results(args, results: dict):
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(dict(checkpoint=args.checkpoint, args=vars(args), benchmarks=results), f,
@@ -308,4 +315,4 @@ def write_results(args, results: dict):
 
 
 if __name__ == "__main__":
-    main()
+    flags.run_main(main)

@@ -1,9 +1,15 @@
 """The flags grpo.py and ppo.py share, in --help sections, and their checks: every bad value is
 one error naming the flag, before any data or model loads. Each entry script adds its own
 algorithm's flags (grpo.get_args, ppo.get_args) and its CPU-demo defaults (`--model tiny`).
+
+How the entry points (grpo.py, ppo.py, evaluate.py) report a user's mistake is here too: a bad
+flag, path, checkpoint or data line is one line `error: ...` on stderr (exit status 2 for flags, 1
+for the rest), not a traceback; MEDRL_DEBUG=1 shows the traceback (run_main).
 """
 import argparse
+import linecache
 import os
+import sys
 
 import torch
 
@@ -21,9 +27,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The docstring as written, and every flag's default after its help."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line and a pointer to --help, not the whole usage (33
+    lines for the trainers) with the error at its bottom. Exit status 2: argparse's for usage."""
+
+    def error(self, message):
+        say_error(f"error: {message}\n(python {self.prog} --help lists the flags)")
+        sys.exit(2)
+
+
 def build_parser(doc: str) -> argparse.ArgumentParser:
     """The flags both trainers take, in --help sections; each entry script adds its own."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p = Parser(description=doc, formatter_class=HelpFormatter)
     for add_flags in (_data_flags, _rollout_flags, _objective_flags, _optimisation_flags,
                       _run_flags):
         add_flags(p)
@@ -133,6 +148,9 @@ def _run_flags(p):
     add("--allow-flag-changes", action="store_true",
         help="--resume with flags that change the algorithm or data order (said in the log)")
     add("--samples-every", type=int, default=10, help="write a few completions every N steps")
+    add("--log-every", type=int, default=1,
+        help="print a line of the step's metrics every N steps and at the last (0 = never; "
+             "metrics.jsonl gets every step)")
     add("--wandb-project", default=None, help="log to wandb (offline without WANDB_API_KEY)")
     add("--dist-timeout", type=float, default=120,
         help="minutes a collective waits for the other ranks (NCCL's own default is 10: less "
@@ -154,7 +172,7 @@ def _run_flags(p):
 
 def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
     """Parse, with `tiny_defaults` when --model tiny is given; one clear error naming the flag."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--model")
     if pre.parse_known_args(argv)[0].model == "tiny":  # before the real parse: --help shows them
         p.set_defaults(**tiny_defaults)
@@ -181,6 +199,7 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
              ("--val-every", args.val_every, args.val_every >= 0, "must be >= 0 (0 = never)"),
              ("--samples-every", args.samples_every, args.samples_every >= 0,
               "must be >= 0 (0 = never)"),
+             ("--log-every", args.log_every, args.log_every >= 0, "must be >= 0 (0 = never)"),
              ("--entropy-coef", args.entropy_coef, args.entropy_coef >= 0, "must be >= 0"),
              ("--threads", args.threads, args.threads is None or args.threads >= 1,
               "must be >= 1"),
@@ -210,6 +229,27 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
     return args
 
 
+def say_changed(p: argparse.ArgumentParser, args, name: str):
+    """Print (rank 0) the flags whose value is not this parser's default (with --model tiny: the
+    demo's defaults), as on a command line: the run's choices, not 70 lines of defaults. Every
+    flag goes to --out/run_config.json."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    changed = []
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest == "help" or value == p.get_default(action.dest):
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):  # --grad-ckpt / --no-grad-ckpt
+            changed.append(action.option_strings[0 if value else 1])
+        elif action.nargs == 0:  # store_true
+            changed.append(action.option_strings[0])
+        else:
+            changed.append(f"{action.option_strings[0]} {value}")
+    defaults = "the --model tiny demo's defaults" if args.model == "tiny" else "their defaults"
+    print(f"{name} {' '.join(changed)} (every other flag at {defaults})", flush=True)
+
+
 def check_rules(p: argparse.ArgumentParser, rules: list[tuple[str, object, bool, str]]):
     """(flag, value, ok, why) rows: the first failing one is the error, naming the flag."""
     for flag, value, ok, why in rules:
@@ -230,3 +270,50 @@ def check_data_flags(p: argparse.ArgumentParser, args):
             p.error(f"--data {name}={path}: no such file")
     if args.data_dir and not os.path.isdir(args.data_dir):
         p.error(f"--data-dir {args.data_dir}: no such directory")
+
+
+# ----------------------------------------------------------------------------- user errors
+
+def run_main(main):
+    """The `if __name__ == "__main__":` of every entry point. An error the user can fix (see
+    user_error) is one line `error: MESSAGE` and exit status 1; anything else is a bug in medrl
+    and keeps its traceback, as does everything with MEDRL_DEBUG=1. main() itself still raises,
+    so tests and callers see the exception."""
+    debug = os.environ.get("MEDRL_DEBUG", "") not in ("", "0")
+    try:
+        main()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        say_error("interrupted")
+        sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
+    except Exception as e:
+        if debug or not user_error(e):
+            raise
+        say_error(f"error: {' '.join(str(e).split()) or type(e).__name__}")  # one line
+        sys.exit(1)
+
+
+def user_error(e: Exception) -> bool:
+    """An OSError is the environment's (a path, a permission, a full disk, the hub offline); a
+    ValueError or RuntimeError is the user's only when a `raise` in medrl's own code made it:
+    those messages name the flag, file or record. The same types raised inside torch, numpy or
+    Python itself (an unpacking, a zip(strict=True), a shape) are bugs."""
+    if isinstance(e, OSError):
+        return True
+    if not isinstance(e, (ValueError, RuntimeError)) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:  # the innermost frame: where it was raised
+        tb = tb.tb_next
+    file = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    ours = os.path.dirname(file) == os.path.dirname(os.path.abspath(__file__))
+    return ours and linecache.getline(file, tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def say_error(text: str):
+    """To stderr, once per machine: under torchrun every rank checks the same flags and files and
+    raises the same error, so local rank 0 alone says it (one line per node, where each node's
+    own files were checked); the other ranks still exit non-zero, so torchrun reports failure."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)

@@ -82,6 +82,7 @@ def get_args(argv=None):
     args = flags.parse_args(p, argv, flags.TINY_DEFAULTS)
     if args.n < 2:
         p.error(f"--num-samples {args.n}: GRPO needs >= 2 completions per prompt")
+    flags.say_changed(p, args, "grpo")
     return args
 
 
@@ -132,9 +133,10 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
     return (torch.exp(-r) + r - 1).clamp(min=0)  # k3; clamp(min=0): fp rounding near r = 0
 
 
-def clipped_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip=0.0):
-    """PPO's pessimistic clipped policy loss per token, and where clipping was active."""
-    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+def clipped_surrogate(log_ratio, adv, clip_low, clip_high, dual_clip=0.0):
+    """PPO's pessimistic clipped policy loss per token from log(pi / pi_old) (policy_log_ratio),
+    and where clipping was active."""
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     loss_plain = -adv * ratio
     loss_clip = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(loss_plain, loss_clip)
@@ -143,27 +145,43 @@ def clipped_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip=0.0):
     return loss, (loss_clip > loss_plain).float()
 
 
+def advantage_free_terms(args, kl_coef: float) -> dict[str, float]:
+    """The loss's terms that do not scale with the advantage, and their coefficients: policy_loss
+    adds exactly these to the surrogate, and a completion whose advantage is zero changes the
+    loss through them alone, so the update skips its forward only while all are 0
+    (needs_forward). A new such term goes here and into policy_loss's `terms`."""
+    return {"entropy": -args.entropy_coef, "kl": kl_coef}
+
+
+def needs_forward(args):
+    """Whether a completion needs a forward and backward in the update: a zero advantage changes
+    the loss only through the advantage-free terms, so with all of them off it is skipped."""
+    free = any(advantage_free_terms(args, args.kl_coef).values())
+    return lambda r: free or bool(r.advantages.any())
+
+
 def policy_loss(policy, mb: rl.MicroBatch, weights: torch.Tensor, args, kl_coef: float,
                 kind: str = "ppo"):
-    """One micro-batch: clipped surrogate (per token, or GSPO's per sequence: `kind`) +
-    kl_coef * KL to the reference - entropy bonus, each token weighted (rl.token_weights); and
-    per-token statistics for the logs."""
-    lp, ent = rl.logprobs(policy, mb, args.temperature, entropy=True)
+    """One micro-batch: clipped surrogate (per token, or GSPO's per sequence: `kind`) plus the
+    advantage-free terms (kl_coef * KL to the reference, - the entropy bonus), each token
+    weighted (rl.token_weights); and per-token statistics for the logs: every term, the clip
+    indicator and the sampler-trainer gap (rl.policy_metrics logs whatever is returned)."""
+    lp, ent = rl.logprobs(policy, mb, entropy=True)
     old = lp.detach() if mb.old_logprobs is None else mb.old_logprobs  # one update: ratio 1
     clip = (args.clip_low, args.clip_high) if kind == "ppo" else (args.gspo_clip_low,
                                                                   args.gspo_clip_high)
     log_ratio = policy_log_ratio(lp, old, mb.lengths, kind)
-    pg, clipped = clipped_surrogate(log_ratio, torch.zeros_like(lp), mb.advantages, *clip,
-                                    args.dual_clip)
+    per_token, clipped = clipped_surrogate(log_ratio, mb.advantages, *clip, args.dual_clip)
     if args.tis_cap:  # the sampler's tokens, reweighted towards the trainer's distribution
-        pg = pg * torch.exp(old - mb.sampler_logprobs).clamp(max=args.tis_cap)
-    per_token = pg - args.entropy_coef * ent
-    kl = torch.zeros_like(lp)
+        per_token = per_token * torch.exp(old - mb.sampler_logprobs).clamp(max=args.tis_cap)
+    terms = dict(entropy=ent)  # computed by the forward anyway; KL only when it is in the loss
     if kl_coef > 0:
-        kl = kl_estimate(lp, mb.ref_logprobs, args.kl_estimator)
-        per_token = per_token + kl_coef * kl
+        terms["kl"] = kl_estimate(lp, mb.ref_logprobs, args.kl_estimator)
+    for name, coef in advantage_free_terms(args, kl_coef).items():
+        if coef:
+            per_token = per_token + coef * terms[name]
     sampler_gap = (lp.detach() - mb.sampler_logprobs).abs()  # first update: the same weights
-    stats = dict(kl=kl, clip_frac=clipped, entropy=ent, logprob_gap=sampler_gap)
+    stats = dict(terms, clip_frac=clipped, logprob_gap=sampler_gap)
     return (per_token * weights).sum(), stats
 
 
@@ -222,9 +240,7 @@ def train_step(step: int, policy: rl.Trainable, ref, run: loop.Run) -> tuple[dic
     def loss_fn(mb, weights):  # a reference is loaded exactly when --kl-coef > 0
         return policy_loss(policy.module, mb, weights, args, args.kl_coef, args.policy_loss)
 
-    def needs_forward(r):  # a zero advantage changes the loss only through KL or entropy terms
-        return bool(r.advantages.any()) or args.kl_coef > 0 or args.entropy_coef > 0
-    steps = rl.update(policy, batch, loss_fn, args, dist, needs_forward)
+    steps = rl.update(policy, batch, loss_fn, args, dist, needs_forward(args))
     metrics.update(rl.policy_metrics(steps))
     t4 = time.perf_counter()
     metrics.update(time_rollout=t1 - t0, time_reference=t2 - t1, time_old=t3 - t2,
@@ -246,4 +262,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.run_main(main)

@@ -28,8 +28,8 @@ class KVCache:
     sampled ones. flash layout: k and v `(layers, slots, prompt_len + new_len, Hkv, D)`, what
     flash_attn_with_kvcache reads and appends to. Else head-major, keys transposed: k `(layers,
     rows, Hkv, D, len)`, v `(layers, rows, Hkv, len, D)`: a run of rows up to L positions is a
-    strided view that q @ k and p @ v read as batched matmuls, no copy (D-major keys: 2x faster
-    q @ k than (L, D) keys, on CPU). `shared` (head-major only): `pk`, `pv` hold each admitted
+    strided view that q @ k and p @ v read as batched matmuls, no copy (D-major keys: the CPU's
+    q @ k reads them contiguously). `shared` (head-major only): `pk`, `pv` hold each admitted
     prompt once, in an "entry" that the slots sampling from it share (`slots` entries: never more
     are in use), and `k`, `v` each slot's sampled tokens. Otherwise a prompt is copied into each
     slot of its samples (`pk`, `pv` are `k`, `v`). The same bytes in every layout."""
@@ -85,7 +85,7 @@ class KVCache:
 class Prefill:
     """One packed forward over the admitted prompts: every layer copies a prompt's k/v (packed
     tokens [t0, t1)) into the prompt rows [first, end) (KVCache.write_prompt), one broadcast copy
-    per run (a gather of every (slot, token) pair was 3x slower on CPU)."""
+    per run (not a gather of every (slot, token) pair: bench/README.md)."""
     cache: KVCache
     cu_seqlens: torch.Tensor  # (P+1,) int32, the packed prompts
     max_seqlen: int
@@ -145,8 +145,8 @@ class Decode:
 
 
 # Scores in base 2: q carries log2(e), so 2^s = e^(q.k): exp2 runs at one speed on every input,
-# where CPU exp slows ~10x on -inf (masked keys) and ~100x where it underflows (scores 87 below
-# the row's top) (torch 2.13, measured on one core).
+# where the CPU's exp takes a slow path on -inf (masked keys) and where it underflows (scores far
+# below the row's top): bench/README.md.
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 
 
@@ -171,7 +171,7 @@ def _read(ks, vs, q, segments: list[Segment], place):
         vv = vs[seg.first:seg.first + n, :, :seg.keys].view(n * hkv, seg.keys, d)
         s = torch.bmm(qs, kt).float()  # (n * Hkv, w * g, keys); softmax in float32 (as HF)
         if seg.mask is not None:
-            s.add_(seg.mask)  # (a broadcast masked_fill_ measured 5x slower on CPU)
+            s.add_(seg.mask)  # (an add, not a broadcast masked_fill_: bench/README.md)
         top = s.amax(-1, keepdim=True)
         p = s.sub_(top).exp2_()  # unnormalised (one pass); the output is normalised instead
         total = p.sum(-1, keepdim=True)
@@ -188,8 +188,8 @@ def _read(ks, vs, q, segments: list[Segment], place):
 
 
 # One more segment costs about as much as reading this many more keys of one row (its ~5 calls
-# per layer, against 0.17 us per key and layer: measured on one CPU thread, SmolLM2's 3 x 64
-# KV heads). On a GPU a call costs far more than a key: one segment per run of slots.
+# per layer against the cost of a key per layer, on one CPU thread at SmolLM2's 3 x 64 KV heads:
+# bench/README.md). On a GPU a call costs far more than a key: one segment per run of slots.
 SEGMENT_COST = {"cpu": 256}
 
 

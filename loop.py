@@ -8,14 +8,19 @@ grpo.py / ppo.py:
         metrics, rollouts = train_step(step, policy, ...)
         run.end_step(step, metrics, rollouts)   # validate, log, checkpoint
 
-A run says what it does: the resolved flags (printed, and in --out/run_config.json), the memory
-plan, every file it writes and every checkpoint saved. Bad flags and data fail before any model
-loads; checkpoint.py's checks on --out and --resume too.
+A run says what it does: the flags it changes (flags.say_changed; every flag goes to
+--out/run_config.json), its training questions, the memory plan, what it writes when, a line per
+step (step_line) and every checkpoint saved; plain lines, and no progress bar when stderr is not
+a terminal. Bad flags and data fail before any model loads; checkpoint.py's checks on --out and
+--resume too.
 """
 import atexit
+import collections
 import json
 import os
 import random
+import sys
+import time
 
 import numpy as np
 import torch
@@ -38,8 +43,11 @@ class Run:
 
     def __init__(self, args, name: str):
         """Everything but the models, each checked before any model loads: processes, --out
-        (writable, not another live run's, resumable), seeds, tokenizer, questions, the plan."""
+        (not another live run's, resumable), seeds, tokenizer, questions, the plan. --out is
+        made only once those checks pass (--model tiny's checkpoint is written into it before):
+        a launch that fails on bad input leaves no empty --out."""
         self.args, self.name = args, name
+        self.out_locked = False
         # A hub model is downloaded before the process group exists, so no collective waits on
         # it: every rank at once, the hub's cache locking each file while one process fetches it.
         for model in (args.model, getattr(args, "critic", None)):
@@ -55,45 +63,67 @@ class Run:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         np.random.seed(args.seed)
-        self.model_dir = self.local_model(args.model)
-        M.read_config(self.model_dir)  # a bad config.json is named before anything reads it
+        self.model_dir = self.local_model(args.model)  # --model tiny: written into --out
+        M.read_policy_config(self.model_dir)  # a bad config.json, a run dir, a critic: named
         self.tokenizer = load_tokenizer(self.model_dir, self.dist.main)
+        critic = getattr(args, "critic", None)  # PPO's --critic, checked here too: before --out
+        if critic not in (None, "tiny"):
+            check_compatible(M.resolve(critic), self.model_dir)
         self.reward_values = reward.RewardValues.parse(args.reward_values)
         self.train, self.val = training_questions(args, self.dist)
+        self.lock_out()  # the checks passed: the run starts
         self.trainables: dict[str, Trainable] = {}
         self.tracked = {}  # name -> object with state_dict() / load_state_dict(), checkpointed
         if self.dist.main:
             self.describe()
 
     def claim_out(self) -> str | None:
-        """--out is writable and this run's alone (run.lock); returns the checkpoint to resume."""
-        out, dist = self.args.out, self.dist
-        if dist.main:
-            try:
-                os.makedirs(out, exist_ok=True)
-                checkpoint.take_lock(out)
-            except PermissionError as e:
-                raise PermissionError(f"--out {out}: cannot write there ({e.strerror})") from None
-            atexit.register(checkpoint.release_lock, out)
-        dist.barrier()
-        return checkpoint.find_resume(self.args, dist.world)
+        """Before any other check: an --out that exists is locked now, so that a live run there
+        is what gets said; returns the checkpoint to resume (find_resume only reads --out)."""
+        if os.path.isdir(self.args.out):
+            self.lock_out()
+        self.dist.barrier()
+        return checkpoint.find_resume(self.args, self.dist.world)
+
+    def lock_out(self):
+        """--out exists, is writable and is this run's alone (run.lock, rank 0)."""
+        out = self.args.out
+        if not self.dist.main or self.out_locked:
+            return
+        try:
+            os.makedirs(out, exist_ok=True)
+            checkpoint.take_lock(out)
+        except PermissionError as e:
+            raise PermissionError(f"--out {out}: cannot write there ({e.strerror})") from None
+        atexit.register(checkpoint.release_lock, out)
+        self.out_locked = True
 
     def describe(self):
-        """The resolved flags (also in --out/run_config.json), the memory plan, the files."""
+        """Every resolved flag into --out/run_config.json (the changed ones were printed:
+        flags.say_changed), the memory plan, and which files get what when."""
         args, out = self.args, self.args.out
-        flags = vars(args)
-        print(f"{self.name} flags:\n" + "".join(f"  {checkpoint.flag(k)} {v}\n"
-                                              for k, v in sorted(flags.items())), flush=True)
         with open(os.path.join(out, "run_config.json"), "w") as f:
-            json.dump(flags, f, indent=1)
+            json.dump(vars(args), f, indent=1)
         prompt_len = max(len(data.encode_prompt(self.tokenizer, q, args.prompt_style))
                          for q in self.train[:512])  # (shuffled) a fair sample of the longest
         memory.print_plan(args, self.name, M.read_config(self.model_dir), self.dist.world,
-                   self.dist.device.type == "cuda", prompt_len)
-        print(f"writing {os.path.join(out, 'run_config.json')}, "
-              f"{os.path.join(out, 'metrics.jsonl')}, {os.path.join(out, 'samples.jsonl')}"
-              + (f" and step-N/ checkpoints every {args.save_every} steps" if args.save_every
-                 else " (no checkpoints: --save-every 0)"), flush=True)
+                          self.dist.device.type == "cuda", prompt_len, brief=True)
+        print(f"writing {os.path.join(out, '')}: {self.files()}", flush=True)
+
+    def files(self) -> str:
+        """What the run writes, on which of its --steps (so `--steps 2` never reads "every 50")."""
+        args, steps = self.args, range(1, self.args.steps + 1)
+        saves = [s for s in steps
+                 if args.save_every and (s % args.save_every == 0 or s == args.steps)]
+        samples = [s for s in steps if args.samples_every and (s - 1) % args.samples_every == 0]
+        validation = ""
+        if args.val_every and self.val:
+            vals = [s for s in steps if s % args.val_every == 0]
+            validation = (f"; greedy accuracy on the {len(self.val)} held-out questions "
+                          f"{when(vals, args.val_every)}")
+        return (f"run_config.json (every flag), metrics.jsonl (a row per step{validation}), "
+                f"samples.jsonl (2 completions {when(samples, args.samples_every)}), "
+                f"step-N/ checkpoints {when(saves, args.save_every)}")
 
     def local_model(self, name: str) -> str:
         """A local dir for `name`: 'tiny' is written once into --out; a hub id's download (made
@@ -159,25 +189,77 @@ class Run:
             print(f"--resume {self.args.resume}: no checkpoint in {self.args.out}; starting at "
                   f"step 0", flush=True)
             checkpoint.truncate_logs(self.args.out, 0)
-        self.logger = Logger(self.args, self.dist)
+        self.logger = Logger(self.args, self.dist, self.tokenizer)
+        # No bar into a log file (stderr not a terminal): its carriage returns and escape codes
+        # garble it, and the step lines (end_step) say more.
         self.bar = tqdm(range(start, self.args.steps), initial=start, total=self.args.steps,
-                        desc=self.name, disable=not self.dist.main)
+                        desc=self.name, disable=not (self.dist.main and sys.stderr.isatty()))
         yield from self.bar
         if self.dist.main:
             checkpoint.release_lock(self.args.out)
         self.dist.close()
 
     def end_step(self, step: int, metrics: dict, rollouts: list):
-        """Validate, log and checkpoint as the flags say."""
-        args = self.args
-        if args.val_every and (step + 1) % args.val_every == 0 and self.val:
+        """Validate, log and checkpoint as the flags say; rank 0 prints the step's line (every
+        --log-every steps and the last) and each checkpoint saved, each on a line of its own."""
+        args, done = self.args, step + 1
+        if args.val_every and done % args.val_every == 0 and self.val:
             metrics.update(validate(self))
         show = rollouts[:2] if args.samples_every and step % args.samples_every == 0 else None
-        self.logger.log(step + 1, metrics, show)
+        self.logger.log(done, metrics, show)
         self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                              acc=f"{metrics['accuracy']:.3f}", len=f"{metrics['response_len']:.0f}")
-        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            checkpoint.save(self, step + 1)
+        if self.dist.main and args.log_every and (done % args.log_every == 0
+                                                  or done == args.steps):
+            say(step_line(done, args.steps, metrics, self.name))
+        if args.save_every and (done % args.save_every == 0 or done == args.steps):
+            path = checkpoint.save(self, done)
+            if self.dist.main:
+                say(f"saved {path}")
+
+
+# The step's console line: (label, metrics.jsonl key, format); "-" for what the step did not
+# compute (absent from its row). PPO adds its critic's loss and the KL coefficient of its reward.
+STEP_LINE = [("reward", "reward_mean", ".3f"), ("acc", "accuracy", ".2f"),
+             ("fmt_fail", "format_fail", ".2f"), ("dead", "zero_var_frac", ".2f"),
+             ("kl", "kl", ".3g"), ("ent", "entropy", ".3g"), ("len", "response_len", ".1f"),
+             ("trunc", "truncated", ".2f"), ("clip", "clip_frac", ".3f"),
+             ("gnorm", "grad_norm", ".3g")]
+PPO_STEP_LINE = [("vloss", "value_loss", ".3g"), ("kl_coef", "kl_coef", ".3g")]
+
+
+def step_line(step: int, steps: int, metrics: dict, name: str) -> str:
+    """e.g. `step 12/200  reward 0.344  acc 0.34 ... gnorm 0.51  3.2 s  1,234 tok/s`: tok/s is
+    the tokens every rank generated per second of generation."""
+    fields = STEP_LINE + (PPO_STEP_LINE if name == "ppo" else [])
+    parts = [f"step {step}/{steps}"]
+    parts += [f"{label} {format(metrics[key], spec) if key in metrics else '-'}"
+              for label, key, spec in fields]
+    if "val_accuracy" in metrics:
+        parts.append(f"val_acc {metrics['val_accuracy']:.2f}")
+    if metrics.get("update_skipped"):
+        parts.append("update skipped")
+    if "step_time" in metrics:
+        parts.append(f"{metrics['step_time']:.1f} s")
+    if metrics.get("time_generate"):
+        parts.append(f"{metrics['generated_tokens'] / metrics['time_generate']:,.0f} tok/s")
+    return "  ".join(parts)
+
+
+def say(text: str):
+    """A whole line on stdout, above the progress bar when one is drawn: never glued onto it."""
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def when(steps: list[int], every: int) -> str:
+    """The steps an every-N event falls on, in words that fit the run: "at step 2", "every 50
+    steps (4: 50, 100, 150, 200)", "never"."""
+    if not steps:
+        return "never"
+    if len(steps) <= 3:
+        return f"at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}"
+    return f"every {every} steps ({len(steps)}: {steps[0]}, {steps[1]}, ..., {steps[-1]})"
 
 
 def default_threads() -> int:
@@ -236,14 +318,17 @@ def validate(run: Run) -> dict:
 # ----------------------------------------------------------------------------- data and logging
 
 def training_questions(args, dist):
-    """Training questions (deduplicated, benchmark overlap removed, mixed) and a held-out slice."""
+    """Training questions (deduplicated, benchmark overlap removed, mixed) and a held-out slice;
+    rank 0 says how many each source gave and how many are left."""
     if args.data == "demo":
         qs = data.load_benchmark("demo")
+        counts = f"demo {len(qs):,}"
     else:
-        sources = {}
+        sources, loaded = {}, {}
         for spec in args.data.split(","):
             name, _, path = spec.partition("=")
             sources[name] = read_benchmark(name, path or None, args.data_dir)
+            loaded[name] = len(sources[name])
         if args.mix_source in sources:
             sources[args.mix_source] = subsample(sources[args.mix_source], args, dist)
         if args.exclude == "none" and dist.main:
@@ -255,11 +340,27 @@ def training_questions(args, dist):
             counts = ", ".join(f"{n}: {len(q)}" for n, q in sources.items())
             raise ValueError(f"--data {args.data}: no training questions left after removing "
                              f"--exclude {args.exclude} ({counts} before)")
+        counts = source_counts(loaded, sources, qs, args.exclude)
     qs = [qs[i] for i in np.random.default_rng(args.seed).permutation(len(qs))]
     val, train = qs[:args.val_size], qs[args.val_size:]
     if len(train) < 1:
         raise ValueError(f"--val-size {args.val_size} holds out all {len(qs)} training questions")
+    if dist.main:
+        print(f"training questions: {counts}; {len(train):,} to train, {len(val):,} held out for "
+              f"validation (--val-size)", flush=True)
     return train, val
+
+
+def source_counts(loaded: dict[str, int], sources: dict[str, list], kept: list,
+                  exclude: str) -> str:
+    """Questions per source as loaded (and subsampled), and what is left of each in `kept`."""
+    before = ", ".join(f"{name} {n:,}" + (f" ({len(sources[name]):,} subsampled)"
+                                          if len(sources[name]) != n else "")
+                       for name, n in loaded.items())
+    left = collections.Counter(q.source for q in kept)
+    removed = "repeats" + ("" if exclude == "none" else f" and --exclude {exclude}")
+    return (f"{before}; after removing {removed}: "
+            + ", ".join(f"{name} {left[name]:,}" for name in loaded))
 
 
 def read_benchmark(name: str, path: str | None, data_dir: str | None):
@@ -286,10 +387,12 @@ def subsample(qs, args, dist):
 
 
 class Logger:
-    """metrics.jsonl (one JSON object per step), samples.jsonl, wandb if configured; rank 0 only."""
+    """metrics.jsonl (one JSON object per step), samples.jsonl (a few completions with their
+    prompt as the model read it), wandb if configured; rank 0 only. Every row has `time`: the
+    wall clock when it was written, Unix seconds (0.1 s)."""
 
-    def __init__(self, args, dist):
-        self.on, self.prompt_style = dist.main, args.prompt_style
+    def __init__(self, args, dist, tokenizer):
+        self.on, self.prompt_style, self.tokenizer = dist.main, args.prompt_style, tokenizer
         self.wandb = None
         if self.on:
             os.makedirs(args.out, exist_ok=True)
@@ -304,12 +407,14 @@ class Logger:
     def log(self, step: int, metrics: dict, rollouts=None):
         if not self.on:
             return
-        self.metrics.write(json.dumps(dict(step=step, **metrics)) + "\n")
+        now = round(time.time(), 1)
+        self.metrics.write(json.dumps(dict(step=step, time=now, **metrics)) + "\n")
         self.metrics.flush()
         if self.wandb:
             self.wandb.log(metrics, step=step)
         for r in rollouts or []:
-            row = dict(step=step, question=r.question.id, prompt_style=self.prompt_style,
+            row = dict(step=step, time=now, question=r.question.id,
+                       prompt=self.tokenizer.decode(r.prompt_ids), prompt_style=self.prompt_style,
                        gold=r.question.answer, letter=r.info.letter, reward=r.reward,
                        format_ok=r.info.format_ok, reason=r.info.reason,
                        answer_leak=r.info.answer_leak, finish=r.finish_reason, completion=r.text)

@@ -167,11 +167,22 @@ def plan(cfg: M.ModelConfig, args, world: int, cuda: bool, prompt_len: int,
     return Plan(rows)
 
 
-def print_plan(args, name: str, cfg: M.ModelConfig, world: int, cuda: bool, prompt_len: int):
-    """The memory plan of a grpo / ppo run with these flags, and its peak."""
+# A run whose planned peak is under this (the tiny demo model) says it in one line: the table's
+# rows would all read 0.00.
+SMALL_PEAK = 0.1 * GB
+
+
+def print_plan(args, name: str, cfg: M.ModelConfig, world: int, cuda: bool, prompt_len: int,
+               brief: bool = False):
+    """The memory plan of a grpo / ppo run with these flags, and its peak; brief: one line
+    instead when the peak is under SMALL_PEAK."""
     held = plan(cfg, args, world, cuda, prompt_len, critic=name == "ppo",
                 reference=args.kl_coef > 0)
     where = f"{world} x {'CUDA' if cuda else 'CPU'}"
+    if brief and held.peak() < SMALL_PEAK:
+        print(f"memory plan: at most {held.peak() / GB:.2f} GB per process ({where}; --plan "
+              f"prints the table)", flush=True)
+        return
     print(f"memory plan ({where}, prompts up to {prompt_len} tokens, attention: "
           f"{attention(cuda)}):\n{held.table()}\n"
           f"planned peak: {held.peak() / GB:.2f} GB per process", flush=True)

@@ -196,8 +196,7 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int,
     # SDPA fallback: the sequences scattered into a right-padded batch (padded rows are computed
     # and dropped), cost O(S * Tq * Tk). With a shared prefix, sequences whose queries are their
     # keys and those with fewer queries are two batches, so that short queries are not padded to
-    # the longest prompt. (One SDPA call per sequence measured slower on CPU: 1.1x at 16 real
-    # sequences, 1.9x at 256 short ones.)
+    # the longest prompt. (One SDPA call per sequence was slower on the CPU: bench/README.md.)
     q_lens, k_lens = cu_seqlens.diff().long(), cu_k.diff().long()
     if cu_seqlens_k is None:
         return _padded_sdpa(q, k, v, q_lens, k_lens, max_seqlen, max_k, square=True)
@@ -590,6 +589,11 @@ def read_config(name_or_path: str) -> ModelConfig:
     if os.path.isdir(name_or_path):
         cfg_file = os.path.join(name_or_path, "config.json")
         if not os.path.exists(cfg_file):
+            steps = sorted(n for n in os.listdir(name_or_path) if re.fullmatch(r"step-\d+", n))
+            if steps:  # a training run's --out: its checkpoints are inside
+                raise FileNotFoundError(
+                    f"{name_or_path}: a training run, not a checkpoint (no config.json); it holds "
+                    f"{', '.join(steps)}: pass one, e.g. {os.path.join(name_or_path, steps[-1])}")
             raise FileNotFoundError(f"{name_or_path}: no config.json")
     else:
         resolve_hub_id(name_or_path)
@@ -604,6 +608,22 @@ def read_config(name_or_path: str) -> ModelConfig:
         return ModelConfig.from_hf(cfg, cfg_file)
     except KeyError as e:
         raise ValueError(f"{cfg_file}: missing {e.args[0]!r}") from None
+
+
+def read_policy_config(name_or_path: str) -> ModelConfig:
+    """read_config of a model that generates text. A value model (PPO's critic, saved as
+    XForTokenClassification) has a scalar head and no lm_head: refused here, naming it, instead
+    of failing deep inside the sampler after it loaded."""
+    cfg = read_config(name_or_path)
+    if cfg.value_head:
+        parent = os.path.dirname(os.path.normpath(name_or_path))
+        policy = parent and os.path.exists(os.path.join(parent, "config.json"))
+        instead = (f"the policy checkpoint it was saved with, {parent}" if policy
+                   else "a policy checkpoint (a run's step-N/ dir itself)")
+        raise ValueError(f"{name_or_path}: a value model ({cfg.raw['architectures'][0]}, e.g. "
+                         f"PPO's critic), which scores tokens but cannot generate them; pass "
+                         f"{instead}")
+    return cfg
 
 
 def build_model(name_or_path: str, value_head: bool = False, dtype=torch.float32):

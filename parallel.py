@@ -46,17 +46,12 @@ class Dist:
             torch_dist.all_reduce(t)
         return t.tolist()
 
-    def max(self, value: int) -> int:
-        t = torch.tensor([value], device=self.device)
-        if self.world > 1:
-            torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return int(t.item())
-
-    def maximum(self, value: float) -> float:
+    def max(self, value: int | float) -> int | float:
+        """The largest of every rank's `value`, of its type (float64 holds any count exactly)."""
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         if self.world > 1:
             torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return t.item()
+        return type(value)(t.item())
 
     def gather(self, obj) -> list | None:
         """Every rank's `obj` on rank 0, in rank order (None elsewhere)."""
@@ -109,9 +104,9 @@ def setup_dist(timeout_minutes: float = 120) -> Dist:
 
 def give_back_freed_memory():
     """CPU tensors come from glibc malloc, whose mmap threshold rises with every large free, after
-    which big tensors come from the heap and fragment it: a real-model GRPO step then peaked at
-    3.8 GB RSS instead of 2.8 (measured on SmolLM2-135M). A fixed threshold keeps every tensor
-    above 128 KiB mmapped, given back to the system when freed. No-op without glibc."""
+    which big tensors come from the heap and fragment it, and a real-model GRPO step's resident
+    memory grows by a third (bench/README.md). A fixed threshold keeps every tensor above 128 KiB
+    mmapped, given back to the system when freed. No-op without glibc."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):

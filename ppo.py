@@ -50,7 +50,7 @@ MEDRLVR_DEFAULTS = dict(model="Qwen/Qwen2.5-3B", data="medqa_train", format="thi
 # `--model tiny` (the CPU demo): the tiny model answers with whole-answer tokens, so the demo keeps
 # the boxed format but Med-RLVR's -1 for a bad format and KL 0.01 in the reward. Its answers are 8
 # tokens at most, so lambda barely discounts (0.95^8 = 0.66) and the lower-variance advantages of
-# 0.95 learn this toy faster (reward 0.95 at step 140 vs 0.65 with lambda 1, README).
+# 0.95 learn this toy faster (bench/README.md has both curves).
 TINY_DEFAULTS = dict(flags.TINY_DEFAULTS, format="boxed", prompt_style="alphamed",
                      reward_values="1,0,-1", n=4, batch_prompts=32, mini_batches=2, steps=200,
                      critic_lr=1e-3, kl_coef=0.01, lam=0.95,
@@ -79,6 +79,7 @@ def get_args(argv=None):
         ("--kl-target", args.kl_target, args.kl_target is None or args.kl_target > 0,
          "must be > 0 (or unset: a fixed --kl-coef)"),
         ("--kl-horizon", args.kl_horizon, args.kl_horizon >= 1, "must be >= 1")])
+    flags.say_changed(p, args, "ppo")
     return args
 
 
@@ -202,10 +203,11 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
     metrics.update(rl.policy_metrics(rl.update(policy, batch, actor_loss, args, dist)))
     critic_steps = rl.update(critic, batch, critic_loss, args, dist)
     metrics.update(advantage_stats, kl_coef=kl_ctl.beta)  # the reward's KL, not the loss's 0
-    if critic_steps:
-        n = len(critic_steps)
-        metrics.update(value_loss=sum(s["loss"] for s in critic_steps) / n,
-                       critic_grad_norm=sum(s["grad_norm"] for s in critic_steps) / n)
+    critic_stats = rl.policy_metrics(critic_steps)  # what it did not compute stays absent
+    for key, name in (("loss", "value_loss"), ("grad_norm", "critic_grad_norm"),
+                      ("lr", "critic_lr")):
+        if key in critic_stats:
+            metrics[name] = critic_stats[key]
     kl_ctl.update(metrics["kl"], metrics["completions"])
     t3 = time.perf_counter()
     metrics.update(time_rollout=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, step_time=t3 - t0)
@@ -229,4 +231,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.run_main(main)

@@ -18,6 +18,7 @@ and the old policy, a critic's values) -> update (optimizer steps over packed mi
 - `Trainable`: a module with its AdamW and LR schedule (the policy; PPO's critic).
 """
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +41,9 @@ class Rollout:
     response_ids: list[int]
     sampler_logprobs: torch.Tensor  # the sampler's log-prob of each response token
     finish_reason: str  # "stop" or "length"
+    # what the sampler divided the logits by: the trainer's log-probs divide by the same (from
+    # the rollout, so that a temperature schedule changes it in one place, the sampling settings)
+    temperature: float = 1.0
     text: str = ""
     reward: float = 0.0
     info: RewardInfo | None = None
@@ -60,7 +64,8 @@ def collect(policy, tok, questions, first_group: int, sampling: rollout.Sampling
     prompts = [data.encode_prompt(tok, q, args.prompt_style) for q in questions]
     with Gathered(policy) as m:
         samples = rollout.generate(m, prompts, sampling, stop_ids=rollout.stop_ids_for(m, tok),
-                                   prompt_offset=first_group, progress=dist.main)
+                                   prompt_offset=first_group,
+                                   progress=dist.main and sys.stderr.isatty())
     generated = time.perf_counter()
     rollouts = []
     for s in samples:
@@ -70,7 +75,8 @@ def collect(policy, tok, questions, first_group: int, sampling: rollout.Sampling
         r += overlong_penalty(len(s.response_ids), sampling.max_new_tokens, args.overlong_buffer,
                               args.overlong_penalty)
         rollouts.append(Rollout(q, first_group + s.prompt_idx, s.prompt_ids, s.response_ids,
-                                torch.tensor(s.logprobs), s.finish_reason, text, r, info))
+                                torch.tensor(s.logprobs), s.finish_reason,
+                                sampling.temperature or 1.0, text, r, info))
     if times is not None:
         times["time_generate"] = times.get("time_generate", 0.0) + generated - start
         times["time_reward"] = times.get("time_reward", 0.0) + time.perf_counter() - generated
@@ -100,7 +106,7 @@ def mismatch_metrics(rollouts: list[Rollout], cap: float, dist: Dist) -> dict:
                      sum(x.sum().item() for x in w), sum((x ** 2).sum().item() for x in w),
                      sum((torch.exp(g) > cap).sum().item() if cap else 0 for g in gaps)])
     n = max(sums[0], 1)
-    largest = dist.maximum(max((g.abs().max().item() for g in gaps if len(g)), default=0.0))
+    largest = dist.max(max((g.abs().max().item() for g in gaps if len(g)), default=0.0))
     ess = min(sums[2] ** 2 / (n * sums[3]), 1.0) if sums[3] > 0 else 1.0  # <= 1 but for rounding
     return dict(mismatch_mean_abs=sums[1] / n, mismatch_max_abs=largest,
                 tis_capped_frac=sums[4] / n, tis_ess=ess)
@@ -149,6 +155,7 @@ class MicroBatch:
     targets: torch.Tensor  # (R,) those response tokens
     lengths: list[int] = field(default_factory=list)  # response length of each rollout
     attention: M.SharedPrefix | None = None  # None: no prompt is shared, plain causal packing
+    temperature: float = 1.0  # the rollouts' sampling temperature, which log-probs divide by
     # Per response token, (R,) each, concatenated over the rollouts; None when they have none.
     sampler_logprobs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -191,6 +198,9 @@ def pack(rollouts: list[Rollout], device) -> MicroBatch:
     """One micro-batch. A rollout whose prompt is its predecessor's adds only its response, at the
     positions after the prompt; it attends to the prompt's packed rows (kv_index), and its first
     token is predicted by the prompt's last row, the row that predicts every sibling's first."""
+    temperatures = {r.temperature for r in rollouts}
+    if len(temperatures) > 1:  # one temperature divides a micro-batch's logits
+        raise ValueError(f"rollouts sampled at temperatures {sorted(temperatures)} in one batch")
     ids, positions, select, targets = [], [], [], []
     cu_q, cu_k, kv_index, prompt_rows, previous = [0], [0], [], [], None
     for r in rollouts:
@@ -221,6 +231,7 @@ def pack(rollouts: list[Rollout], device) -> MicroBatch:
         rollouts, torch.tensor(ids, device=device), torch.tensor(positions, device=device),
         cu_q, max_q, torch.tensor(select, device=device),
         torch.tensor(targets, device=device), [len(r.response_ids) for r in rollouts], attention,
+        temperatures.pop(),
         sampler_logprobs=_cat([r.sampler_logprobs for r in rollouts], device),
         advantages=_cat([r.advantages for r in rollouts], device),
         old_logprobs=_cat([r.old_logprobs for r in rollouts], device),
@@ -247,10 +258,12 @@ def dummy_batch(device) -> MicroBatch:
 
 # ----------------------------------------------------------------------------- forwards
 
-def logprobs(model, mb: MicroBatch, temperature: float, entropy: bool = False):
-    """Per-response-token log-probs (R,) of mb's targets, and entropies (R,) when asked."""
+def logprobs(model, mb: MicroBatch, entropy: bool = False):
+    """Per-response-token log-probs (R,) of mb's targets at the temperature they were sampled
+    at, and entropies (R,) when asked."""
     return model(mb.ids, mb.positions, mb.cu_seqlens, mb.max_seqlen, attention=mb.attention,
-                 select=mb.select, targets=mb.targets, temperature=temperature, entropy=entropy)
+                 select=mb.select, targets=mb.targets, temperature=mb.temperature,
+                 entropy=entropy)
 
 
 def values(critic, mb: MicroBatch) -> torch.Tensor:
@@ -269,7 +282,7 @@ def score(model, rollouts: list[Rollout], args, dist: Dist) -> list[torch.Tensor
     out = []  # on the device until all are done: one read, not one per micro-batch
     for i in range(dist.max(len(mbs))):
         mb = mbs[i] if i < len(mbs) else dummy
-        per_token = values(model, mb) if critic else logprobs(model, mb, args.temperature)[0]
+        per_token = values(model, mb) if critic else logprobs(model, mb)[0]
         if i < len(mbs):
             out.append(per_token.float())  # (R_i,)
     lengths = [len(r.response_ids) for r in rollouts]
@@ -329,7 +342,8 @@ def update(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist,
     """--ppo-epochs passes over the rollouts, each in --mini-batches optimizer steps.
     loss_fn(mb, weights) -> (loss, {name: per-token tensor}); returns one dict per optimizer step:
     the loss and each statistic summed over the computed tokens of every rank, `tokens`,
-    `skipped_tokens`, the grad norm and the learning rate. needs_forward(rollout) False: the
+    `skipped_tokens`, the learning rate the step used and the grad norm (absent when no rank
+    computed a token: nothing was differentiated). needs_forward(rollout) False: the
     rollout cannot change the loss (GRPO: zero advantage and no KL or entropy term), so it gets
     no forward or backward, but still counts in the loss normaliser."""
     minis = [rollouts[i::args.mini_batches] for i in range(args.mini_batches)]
@@ -368,13 +382,16 @@ def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist
         for key, t in per_token.items():  # every rank adds every key: the all-reduce below matches
             sums[key] = sums.get(key, 0.0) + (t.detach().float().sum() if real else zero.sum())
     grad_norm = clip_grads(part.module, args.grad_clip)
+    lr = part.opt.param_groups[0]["lr"]  # the rate this step uses; the schedule moves on below
     part.opt.step()
     part.sched.step()
     part.opt.zero_grad(set_to_none=True)
     totals = dist.sum(torch.stack([*sums.values(), torch.tensor(float(computed_tokens),
                                                                 device=dist.device)]))
-    out = dict(zip([*sums, "tokens"], totals))
-    return dict(out, skipped_tokens=skipped, grad_norm=grad_norm, lr=part.sched.get_last_lr()[0])
+    out = dict(zip([*sums, "tokens"], totals), skipped_tokens=skipped, lr=lr)
+    if out["tokens"] > 0:  # otherwise no rank ran a backward that could give a gradient
+        out["grad_norm"] = grad_norm
+    return out
 
 
 def clip_grads(module, max_norm: float) -> float:
@@ -383,15 +400,32 @@ def clip_grads(module, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+# Per-token statistics that are 0 on a token the update skipped (its advantage is 0, so its ratio
+# is never clipped): averaged over every response token in the loss, as verl and TRL report them.
+ZERO_WHEN_SKIPPED = ("clip_frac",)
+# Means "sampler vs trainer on the same weights" only in an update's first optimizer step.
+FIRST_STEP_ONLY = ("logprob_gap",)
+STEP_KEYS = ("loss", "tokens", "skipped_tokens", "grad_norm", "lr")  # optimizer_step's own
+
+
 def policy_metrics(steps: list[dict]) -> dict:
-    """Means per token over an update's optimizer steps; the log-prob gap from the first (where
-    the weights are still the sampler's). No steps (nothing to train on): update_skipped."""
+    """An update's optimizer steps in one row: every per-token statistic the loss returned,
+    averaged over the tokens the update computed (ZERO_WHEN_SKIPPED ones over every token in the
+    loss; FIRST_STEP_ONLY ones over the first step); the loss and grad norm averaged over the
+    steps; the skipped tokens; the first step's learning rate (the schedule moves on after each
+    optimizer step). What no step computed (a statistic of no token, the grad norm without a
+    backward) is absent, not 0. No steps: update_skipped."""
     if not steps:
         return dict(update_skipped=1)
-    tokens = max(sum(s["tokens"] for s in steps), 1)
-    means = {k: sum(s[k] for s in steps) / tokens for k in ("kl", "clip_frac", "entropy")}
-    return dict(means, loss=sum(s["loss"] for s in steps) / len(steps),
-                skipped_tokens=sum(s["skipped_tokens"] for s in steps),
-                grad_norm=sum(s["grad_norm"] for s in steps) / len(steps),
-                logprob_gap=steps[0]["logprob_gap"] / max(steps[0]["tokens"], 1),
-                lr=steps[-1]["lr"])
+    out = dict(loss=sum(s["loss"] for s in steps) / len(steps),
+               skipped_tokens=sum(s["skipped_tokens"] for s in steps), lr=steps[0]["lr"])
+    norms = [s["grad_norm"] for s in steps if "grad_norm" in s]
+    if norms:
+        out["grad_norm"] = sum(norms) / len(norms)
+    for key in [k for k in steps[0] if k not in STEP_KEYS]:
+        over = steps[:1] if key in FIRST_STEP_ONLY else steps
+        skipped = sum(s["skipped_tokens"] for s in over) if key in ZERO_WHEN_SKIPPED else 0
+        tokens = sum(s["tokens"] for s in over) + skipped
+        if tokens > 0:
+            out[key] = sum(s[key] for s in over) / tokens
+    return out

@@ -220,9 +220,12 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
     run = _Run(prompts, n, cache, sampling.seed, prompt_offset, device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     last = {}  # slot -> last sampled token, fed back next step
-    # In a log file (stderr not a terminal) every redraw stays: there, at most one each 30 s.
-    bar = tqdm(total=n * len(prompts), desc="generate", disable=not progress, leave=False,
-               mininterval=0.1 if sys.stderr.isatty() else 30)
+    # Progress in tokens, so that the bar moves with every decode step (a long completion takes
+    # minutes on a CPU): the total is the most tokens the samples can take, less the budget a
+    # completion leaves unused when it stops. In a log file (stderr not a terminal) every redraw
+    # stays: there, at most one each 30 s.
+    bar = tqdm(total=n * len(prompts) * max_new_tokens, desc="generate", unit="tok",
+               disable=not progress, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)
     slots_now, logits = [], None
     while True:
         batch = run.admit()
@@ -233,8 +236,10 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
         if not slots_now:
             break
         finished = _sample_step(run, slots_now, logits, stops, last, sampling)
-        if finished:  # (update(0) would redraw the bar every step: a line per step in a log)
-            bar.update(len(finished))
+        if finished:  # no redraw of its own: the update below draws at most each mininterval
+            bar.total -= sum(max_new_tokens - len(run.tokens[run.slot_of[s]]) for s in finished)
+            bar.set_postfix_str(f"{len(run.done)}/{n * len(prompts)} done", refresh=False)
+        bar.update(len(slots_now))  # a token for every slot
         for s in finished:
             run.release(s)
             del last[s]

@@ -76,7 +76,7 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, block: int = 256) -> tor
     float64 sums of `block`-token blocks pick the block, then that block's cumsum the token."""
     b, v = weights.shape
     full = v // block * block
-    # float32 block sums (a float64 sum would convert all of weights first: 5x slower)
+    # float32 block sums (a float64 sum would convert all of weights first)
     sums = [weights[:, :full].view(b, full // block, block).sum(-1)]  # (B, full / block)
     if full < v:  # a last, shorter block
         sums.append(weights[:, full:].sum(-1, keepdim=True))

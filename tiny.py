@@ -7,7 +7,8 @@ embeddings, ChatML `<|im_end|>` turn end). Keyword overrides change any config.j
 
 `real_model()` converts ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf (a real pretrained
 Llama-architecture instruct model: GQA 9/3 heads, tied embeddings, vocab 49,152, ChatML) into a
-plain HF checkpoint once, into a cache dir, and returns its path (None when the file is absent).
+plain HF checkpoint once, into a cache dir, and returns its path; FileNotFoundError, saying what
+is missing and where it was looked for, when the file is absent (tests skip with that reason).
 """
 import fcntl
 import os
@@ -110,12 +111,16 @@ SHARED_MODELS = Path(__file__).resolve().parent.parent / "shared" / "models"
 REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def real_model(cache_dir: str | None = None) -> str | None:
+def real_model(cache_dir: str | None = None) -> str:
     """The HF checkpoint dir of SmolLM2-135M-Instruct converted from ../shared/models (once; later
-    calls reuse it, concurrent ones wait for the first), or None when the GGUF file is absent."""
+    calls reuse it, concurrent ones wait for the first). FileNotFoundError when the GGUF file is
+    absent, naming it and where it was looked for."""
     gguf = SHARED_MODELS / REAL_GGUF
     if not gguf.exists():
-        return None
+        folder = "holds no such file" if SHARED_MODELS.is_dir() else "does not exist"
+        raise FileNotFoundError(f"no real test model: {gguf} is absent ({SHARED_MODELS} {folder});"
+                                f" the SmolLM2-135M-Instruct GGUF file is looked for in "
+                                f"../shared/models beside the repo")
     cache = Path(cache_dir or os.environ.get("MEDRL_CACHE", Path.home() / ".cache" / "medrl"))
     out = cache / f"{REAL_GGUF.removesuffix('.gguf')}-{gguf.stat().st_size}"
     cache.mkdir(parents=True, exist_ok=True)

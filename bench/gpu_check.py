@@ -589,7 +589,7 @@ def parity(ours, hf, cfg, device) -> dict:
     # One prompt's completions packed as training packs a group: the prompt once, each response
     # attending to it (model.SharedPrefix; varlen attention with fewer queries than keys).
     group = [rl.Rollout(None, 0, seqs[1], seqs[0][:n], None, "stop") for n in (40, 9, 128)]
-    shared, _ = rl.logprobs(ours, rl.pack(group, device), temperature=1.0)
+    shared, _ = rl.logprobs(ours, rl.pack(group, device))
     ref_shared = []
     for r in group:
         full = torch.tensor([r.prompt_ids + r.response_ids], device=device)
@@ -699,7 +699,7 @@ def logprob_paths(model, check: Check) -> dict:
     hidden = []
     hook = model.model.norm.register_forward_hook(lambda m, i, o: hidden.append(o))
     try:
-        trainer = rl.logprobs(model, mb, 1.0)[0].double()
+        trainer = rl.logprobs(model, mb)[0].double()
     finally:
         hook.remove()
     h = hidden[0][mb.select].double()  # (R, H) the bf16 final hidden states the head reads
@@ -713,7 +713,7 @@ def logprob_paths(model, check: Check) -> dict:
     if check.cuda:
         print("  (the fp32 reference runs the padded SDPA path: a warning from model.py that "
               "neither kernel is here may follow; it is about fp32)", flush=True)
-    refs["fp32"] = rl.logprobs(upcast, mb, 1.0)[0].double()
+    refs["fp32"] = rl.logprobs(upcast, mb)[0].double()
     del upcast
     res = dict(tokens=len(mb.targets), mean_logprob=refs["fp32"].mean().item())
     for name, x in paths.items():
@@ -806,7 +806,7 @@ def group_rollouts(vocab: int, cuda: bool) -> list:
 
 @torch.no_grad()
 def sharded_vs_plain(sharded, plain, mb) -> dict:
-    a, b = (rl.logprobs(m, mb, 1.0)[0] for m in (sharded, plain))
+    a, b = (rl.logprobs(m, mb)[0] for m in (sharded, plain))
     return dict(tokens=len(mb.targets), **abs_diff(a, b, "logprob"))
 
 
@@ -817,7 +817,7 @@ def checkpointed_backward(module, mb) -> dict:
     for ckpt in (False, True):
         module.gradient_checkpointing = ckpt
         module.zero_grad(set_to_none=True)
-        loss = -rl.logprobs(module, mb, 1.0)[0].float().mean()
+        loss = -rl.logprobs(module, mb)[0].float().mean()
         loss.backward()
         grads.append([local(p.grad).float().clone() for p in module.parameters()
                       if p.grad is not None])

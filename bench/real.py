@@ -48,9 +48,13 @@ def medqa_workloads(configs: str):
     import data
     import tiny
     from transformers import AutoTokenizer
-    path, shared = tiny.real_model(), os.path.join(os.path.dirname(ROOT), "shared", "data")
-    if path is None or not os.path.isdir(shared):
-        sys.exit("the real model needs ../shared (models/ and data/) beside the repo")
+    shared = os.path.join(os.path.dirname(ROOT), "shared", "data")
+    if not os.path.isdir(shared):
+        sys.exit(f"error: no {shared}: the MedQA prompts are read from ../shared/data")
+    try:
+        path = tiny.real_model()
+    except FileNotFoundError as e:  # it says what is missing and where it was looked for
+        sys.exit(f"error: {e}")
     tok = AutoTokenizer.from_pretrained(path)
     pairs = [tuple(map(int, c.split("x"))) for c in configs.split(",")]
     questions = data.load_benchmark_dir("medqa", shared)[:max(p for p, _ in pairs)]

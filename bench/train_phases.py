@@ -58,9 +58,10 @@ def main():
     p.add_argument("--response", type=int, default=128, help="response tokens per completion")
     p.add_argument("--reps", type=int, default=3, help="timed runs (the best is kept)")
     args = p.parse_args()
-    path = tiny.real_model()
-    if path is None:
-        sys.exit("needs ../shared/models (SmolLM2-135M-Instruct)")
+    try:
+        path = tiny.real_model()
+    except FileNotFoundError as e:  # it says what is missing and where it was looked for
+        sys.exit(f"error: {e}")
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     batch = rollouts(path, args.prompts, args.group, args.response)

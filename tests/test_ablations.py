@@ -26,8 +26,8 @@ def test_gspo_ratios_and_gradients_by_hand(kind):
     old = torch.zeros(5)
     lp = torch.tensor([0.1, 0.3, 1e-4, -1e-4, 3e-4], requires_grad=True)
     clip = (0.2, 0.2) if kind == "ppo" else (3e-4, 4e-4)
-    loss, clipped = grpo.clipped_surrogate(grpo.policy_log_ratio(lp, old, lengths, kind),
-                                           torch.zeros(5), adv, *clip)
+    loss, clipped = grpo.clipped_surrogate(grpo.policy_log_ratio(lp, old, lengths, kind), adv,
+                                           *clip)
     (loss * weights).sum().backward()
     if kind == "ppo":  # per token: e^0.1 inside the range, e^0.3 clipped at 1.2
         assert loss[:2].tolist() == pytest.approx([-math.exp(0.1), -1.2], abs=1e-6)
@@ -48,7 +48,7 @@ def test_gspo_and_gspo_token_differ_with_per_token_advantages():
     for kind in ("gspo", "gspo-token"):
         lp.grad = None
         loss, _ = grpo.clipped_surrogate(grpo.policy_log_ratio(lp, torch.zeros(2), [2], kind),
-                                         torch.zeros(2), torch.tensor([1.0, 3.0]), 3e-4, 4e-4)
+                                         torch.tensor([1.0, 3.0]), 3e-4, 4e-4)
         loss.sum().backward()
         grads[kind] = lp.grad.tolist()
     assert grads["gspo"] == pytest.approx([-2.0, -2.0])  # -(1 + 3) * 1 / 2 each
@@ -80,7 +80,7 @@ def test_tis_weights_the_policy_loss(tmp_path):
                    advantages=torch.full((3,), 0.5))
     mb = rl.micro_batches([r], 100, "cpu")[0]
     with torch.no_grad():
-        lp, _ = rl.logprobs(policy, mb, args.temperature)
+        lp, _ = rl.logprobs(policy, mb)
     offsets = torch.tensor([math.log(3), math.log(0.5), 0.0])  # pi_old / pi_sampler
     mb.sampler_logprobs = lp - offsets
     weights = torch.tensor([1.0, 2.0, 3.0])
@@ -140,3 +140,57 @@ def test_the_demo_still_learns_with_each_ablation(tmp_path, flags):
         assert max(r["sampling_rounds"] for r in rows) > 1
     if "--tis-cap" in flags:
         assert all(0 < r["tis_ess"] <= 1 and r["mismatch_max_abs"] < 1e-3 for r in rows)
+
+
+# ----------------------------------------------------------------------------- ablation points
+
+def test_a_new_advantage_free_term_gets_its_forward(monkeypatch):
+    """The update skips a zero-advantage completion only while every term of the loss that does not
+    scale with the advantage is off: a researcher's new term (in grpo.advantage_free_terms, which
+    policy_loss adds) turns the skip off without touching needs_forward."""
+    args = grpo.get_args(["--model", "tiny", "--kl-coef", "0", "--entropy-coef", "0"])
+    dead = rl.Rollout(None, 0, [1], [2, 3], torch.zeros(2), "stop", advantages=torch.zeros(2))
+    live = rl.Rollout(None, 1, [1], [2, 3], torch.zeros(2), "stop", advantages=torch.ones(2))
+    assert not grpo.needs_forward(args)(dead) and grpo.needs_forward(args)(live)
+    for flags in (["--kl-coef", "0.01"], ["--entropy-coef", "0.01"]):
+        assert grpo.needs_forward(grpo.get_args(["--model", "tiny"] + flags))(dead)
+    real = grpo.advantage_free_terms
+    monkeypatch.setattr(grpo, "advantage_free_terms", lambda a, kl: dict(real(a, kl), sft=0.1))
+    assert grpo.needs_forward(args)(dead)
+
+
+def test_policy_loss_returns_each_term_it_adds(tmp_path, monkeypatch):
+    """Every advantage-free term is a statistic of the loss (logged by rl.policy_metrics), and
+    one named in advantage_free_terms but not computed by policy_loss is an error, not a silent
+    zero."""
+    policy = M.load_model(make_tiny_checkpoint(str(tmp_path / "m"), seed=2))
+    args = grpo.get_args(["--model", "tiny", "--entropy-coef", "0.01"])
+    r = rl.Rollout(None, 0, [5, 6, 7], [8, 9, 10], torch.zeros(3), "stop",
+                   advantages=torch.full((3,), 0.5))
+    mb = rl.pack([r], "cpu")
+    _, stats = grpo.policy_loss(policy, mb, torch.ones(3), args, kl_coef=0.0)
+    assert "entropy" in stats and "kl" not in stats  # KL off: not computed, not logged
+    mb.ref_logprobs = torch.zeros(3)
+    _, stats = grpo.policy_loss(policy, mb, torch.ones(3), args, kl_coef=0.1)
+    assert set(grpo.advantage_free_terms(args, 0.1)) <= set(stats)
+    real = grpo.advantage_free_terms
+    monkeypatch.setattr(grpo, "advantage_free_terms", lambda a, kl: dict(real(a, kl), sft=0.1))
+    with pytest.raises(KeyError, match="sft"):
+        grpo.policy_loss(policy, mb, torch.ones(3), args, kl_coef=0.0)
+
+
+def test_the_trainer_reads_the_temperature_from_the_rollouts(tmp_path):
+    """Log-probs divide the logits by the temperature each rollout was sampled at (rl.collect
+    records it), whatever --temperature says: a schedule changes the sampling settings only."""
+    ckpt = make_tiny_checkpoint(str(tmp_path / "m"), seed=2)
+    policy = M.load_model(ckpt)
+    args = grpo.get_args(["--model", "tiny", "--temperature", "1.0", "--micro-tokens", "100"])
+    rollouts = [rl.Rollout(None, 0, [5, 6, 7], [8, 9, 10], torch.zeros(3), "stop",
+                           temperature=0.5)]
+    scored = rl.score(policy, rollouts, args, Dist())[0]
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    ref = torch.log_softmax(policy(ids)[0, 2:5] / 0.5, -1).gather(-1, ids[0, 3:, None])[:, 0]
+    assert (scored - ref).abs().max() < 1e-5
+    mixed = rollouts + [rl.Rollout(None, 1, [1], [2], torch.zeros(1), "stop", temperature=1.0)]
+    with pytest.raises(ValueError, match="temperatures"):
+        rl.pack(mixed, "cpu")

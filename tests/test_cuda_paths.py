@@ -172,7 +172,7 @@ def test_varlen_path_matches_sdpa(ckpt, monkeypatch, version):
     def run():
         m.zero_grad()
         logits = m(ids, pos, cu, mx)
-        lp, _ = rl.logprobs(m, mb, temperature=1.0)
+        lp, _ = rl.logprobs(m, mb)
         (logits.square().mean() + lp.sum()).backward()
         return logits, lp, [p.grad.clone() for p in m.parameters()]
     ref = run()

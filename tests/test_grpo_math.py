@@ -60,7 +60,7 @@ def test_extreme_log_ratios_give_finite_losses_and_gradients(log_ratio):
     for adv in (1.0, -1.0):
         for dual in (0.0, 3.0):
             logp = torch.tensor([log_ratio], requires_grad=True)
-            loss, _ = grpo.clipped_surrogate(logp, torch.zeros(1), torch.tensor([adv]), 0.2, 0.2, dual)
+            loss, _ = grpo.clipped_surrogate(logp, torch.tensor([adv]), 0.2, 0.2, dual)
             loss.sum().backward()
             assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all(), (adv, dual)
             # beyond the clamp the ratio is exp(20): a huge but finite loss, and no gradient
@@ -78,13 +78,13 @@ def test_extreme_log_ratios_give_finite_losses_and_gradients(log_ratio):
 ])
 def test_clipped_surrogate(ratio, adv, dual, loss, clipped):
     logp = torch.tensor([math.log(ratio)])
-    out, clip = grpo.clipped_surrogate(logp, torch.zeros(1), torch.tensor([adv]), 0.2, 0.2, dual)
+    out, clip = grpo.clipped_surrogate(logp, torch.tensor([adv]), 0.2, 0.2, dual)
     assert out.item() == pytest.approx(loss, abs=1e-6) and clip.item() == clipped
 
 
 def test_clip_higher_is_asymmetric():
-    out, _ = grpo.clipped_surrogate(torch.tensor([math.log(1.25)]), torch.zeros(1),
-                                    torch.tensor([1.0]), 0.2, 0.28)
+    out, _ = grpo.clipped_surrogate(torch.tensor([math.log(1.25)]), torch.tensor([1.0]), 0.2,
+                                    0.28)
     assert out.item() == pytest.approx(-1.25)  # 1.25 < 1.28: not clipped
 
 
@@ -115,7 +115,7 @@ def make_items(seed=0, group_sizes=(1, 3, 1, 2)):
                                  generator=g)
             a = float(len(items)) - 3.0
             items.append(rl.Rollout(None, group, prompt.tolist(), resp.tolist(),
-                                    torch.zeros(len(resp)), "stop",
+                                    torch.zeros(len(resp)), "stop", temperature=0.8,
                                     advantages=torch.full((len(resp),), a)))
     return items
 
@@ -278,7 +278,7 @@ def test_shared_prompt_packing_equals_one_sequence_per_rollout(policy, backend, 
 
     def run(mbs):
         policy.zero_grad()
-        lp = torch.cat([rl.logprobs(policy, mb, 0.8, entropy=True)[0] for mb in mbs])
+        lp = torch.cat([rl.logprobs(policy, mb, entropy=True)[0] for mb in mbs])
         (lp * weights).sum().backward()
         return lp.detach(), torch.cat([p.grad.flatten() for p in policy.parameters()])
     (lp_s, g_s), (lp_a, g_a) = run([shared]), run(alone)

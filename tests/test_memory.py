@@ -58,7 +58,7 @@ def test_plan_matches_what_a_small_run_allocates(tmp_path):
         kvcache.KVCache.__init__ = real_cache
     batch = [rl.Rollout(None, 0, p, [1, 2], torch.zeros(2), "stop") for p in prompts]
     mb = rl.micro_batches(batch, 10_000, "cpu")[0]
-    rl.logprobs(policy.module, mb, 1.0)[0].sum().backward()
+    rl.logprobs(policy.module, mb)[0].sum().backward()
     grads = sum(p.grad.nbytes for p in policy.module.parameters())
     policy.opt.step()
     moments = sum(t.nbytes for s in policy.opt.state.values() for t in s.values() if t.dim() > 0)

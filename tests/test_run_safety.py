@@ -109,12 +109,12 @@ def test_a_run_says_what_it_does(tmp_path, capsys):
     grpo.main(FAST + ["--steps", "2", "--save-every", "1", "--samples-every", "1",
                       "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "--lr 0.001" in printed and "planned peak" in printed
-    assert f"saved {out / 'step-000001'}" in printed and f"{out / 'metrics.jsonl'}" in printed
+    assert "--max-new-tokens 4" in printed and "memory plan" in printed
+    assert f"saved {out / 'step-000001'}" in printed and "metrics.jsonl (a row per step)" in printed
     assert json.loads((out / "run_config.json").read_text())["max_new_tokens"] == 4
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
-    assert {"question", "prompt_style", "gold", "letter", "format_ok", "reason", "answer_leak",
-            "finish", "reward", "completion"} <= set(sample)
+    assert {"question", "prompt", "prompt_style", "gold", "letter", "format_ok", "reason",
+            "answer_leak", "finish", "reward", "completion", "time"} <= set(sample)
     assert not (out / "run.lock").exists()  # released at exit
 
 
