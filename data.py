@@ -10,7 +10,7 @@ Benchmarks (name: hub id [config] split | raw format read from a path):
   medxpertqa       TsinghuaC3I/MedXpertQA [Text] test, 2450, 10 options | JSONL dump of it
   gpqa_medical     Idavidrein/gpqa [gpqa_main] train (gated), Genetics + Molecular Biology | CSV
   medqa_train, medmcqa_train (training splits); demo (16 one-line facts, made on the fly).
-Each record becomes a `Question` (the `example` reward.score() reads). Bad input raises ValueError
+Each record becomes a `Question` (the `example` reward.grade() reads). Bad input raises ValueError
 naming the file and line (or record) and the problem; nothing is skipped silently.
 """
 import csv

@@ -167,11 +167,11 @@ def majority_vote(letters):
     return counts.most_common(1)[0][0] if counts else None  # ties: first seen (most_common)
 
 
-def score_question(q, gen: Generation, fmt):
+def grade_question(q, gen: Generation, fmt):
     """One JSONL record: the prompt and every completion with its strict and lenient parse."""
     samples = []
     for text, ntok, finish in zip(gen.completions, gen.tokens, gen.finish, strict=True):
-        info = reward.score(text, q, fmt)[1]
+        info = reward.grade(text, q, fmt)[1]
         samples.append(dict(completion=text, letter=info.letter, format_ok=info.format_ok,
                             correct=info.correct, reason=info.reason, tokens=ntok, finish=finish,
                             lenient_letter=(None if info.format_ok
@@ -212,7 +212,7 @@ def evaluate_benchmark(questions, generate_fn, fmt="boxed", dist: Dist = Dist(),
     lo = len(questions) * dist.rank // dist.world
     hi = len(questions) * (dist.rank + 1) // dist.world
     gens = generate_fn(questions[lo:hi], lo) if hi > lo else []  # a rank may have none
-    records = [score_question(q, g, fmt) for q, g in zip(questions[lo:hi], gens, strict=True)]
+    records = [grade_question(q, g, fmt) for q, g in zip(questions[lo:hi], gens, strict=True)]
     blocks = dist.gather(records)
     if not dist.main:
         return None, None

@@ -187,13 +187,13 @@ def policy_loss(policy, mb: rl.MicroBatch, weights: torch.Tensor, args, kl_coef:
 
 # ----------------------------------------------------------------------------- the step
 
-def set_group_advantages(rollouts: list[rl.Rollout], norm: str, dist) -> set[int]:
+def set_group_advantages(completions: list[rl.Completion], norm: str, dist) -> set[int]:
     """Each completion's advantage from its group, on every response token; returns the groups
     whose completions all got the same reward (no signal)."""
-    groups = sorted({r.group for r in rollouts})
-    members = [[r for r in rollouts if r.group == g] for g in groups]
+    groups = sorted({r.group for r in completions})
+    members = [[r for r in completions if r.group == g] for g in groups]
     rewards = torch.tensor([[r.reward for r in m] for m in members])  # (P, G)
-    scale = rl.global_std([r.reward for r in rollouts], dist) if norm == "batch-std" else 0.0
+    scale = rl.global_std([r.reward for r in completions], dist) if norm == "batch-std" else 0.0
     for m, row in zip(members, group_advantages(rewards, norm, batch_std=scale).tolist()):
         for r, a in zip(m, row):
             r.advantages = torch.full((len(r.response_ids),), a)
@@ -201,7 +201,7 @@ def set_group_advantages(rollouts: list[rl.Rollout], norm: str, dist) -> set[int
 
 
 def sample_groups(step: int, policy: rl.Trainable, run: loop.Run, times: dict):
-    """(every rollout sampled, those to train on, the dead groups: one reward value, rounds).
+    """(every completion sampled, those to train on, the dead groups: one reward value, rounds).
     --dynamic-sampling: further rounds of new prompts (another order of the questions) until
     --batch-prompts groups with signal are kept, at most --max-sampling-rounds; the decision is
     global, so every rank makes the same rounds."""
@@ -223,8 +223,8 @@ def sample_groups(step: int, policy: rl.Trainable, run: loop.Run, times: dict):
 def train_step(step: int, policy: rl.Trainable, ref, run: loop.Run) -> tuple[dict, list]:
     args, dist, t0 = run.args, run.dist, time.perf_counter()
     times = {}  # time_generate, time_reward
-    rollouts, kept, dead, rounds = sample_groups(step, policy, run, times)
-    metrics = dict(rl.rollout_metrics(rollouts, dist), sampling_rounds=rounds, **times)
+    completions, kept, dead, rounds = sample_groups(step, policy, run, times)
+    metrics = dict(rl.rollout_metrics(completions, dist), sampling_rounds=rounds, **times)
     batch = [r for r in rl.in_loss(kept, args) if not (args.drop_zero_var and r.group in dead)]
     t1 = time.perf_counter()
     if ref is not None:
@@ -246,7 +246,7 @@ def train_step(step: int, policy: rl.Trainable, ref, run: loop.Run) -> tuple[dic
     metrics.update(time_rollout=t1 - t0, time_reference=t2 - t1, time_old=t3 - t2,
                    time_update=t4 - t3, step_time=t4 - t0,
                    rollout_tokens_per_s=metrics["generated_tokens"] / (t1 - t0))
-    return metrics, rollouts
+    return metrics, completions
 
 
 def main(argv=None):
@@ -257,8 +257,8 @@ def main(argv=None):
     policy = run.trainable("policy", run.model_dir, args.lr)
     ref = run.reference() if args.kl_coef > 0 else None  # KL 0: no reference model at all
     for step in run.steps():
-        metrics, rollouts = train_step(step, policy, ref, run)
-        run.end_step(step, metrics, rollouts)
+        metrics, completions = train_step(step, policy, ref, run)
+        run.end_step(step, metrics, completions)
 
 
 if __name__ == "__main__":

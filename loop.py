@@ -5,8 +5,8 @@ grpo.py / ppo.py:
     run = loop.Run(args, "grpo")          # processes, seeds, tokenizer, questions, --out
     policy = run.trainable("policy", run.model_dir, args.lr)
     for step in run.steps():               # resumes from a checkpoint when asked
-        metrics, rollouts = train_step(step, policy, ...)
-        run.end_step(step, metrics, rollouts)   # validate, log, checkpoint
+        metrics, completions = train_step(step, policy, ...)
+        run.end_step(step, metrics, completions)   # validate, log, checkpoint
 
 A run says what it does: the flags it changes (flags.say_changed; every flag goes to
 --out/run_config.json), its training questions, the memory plan, what it writes when, a line per
@@ -199,13 +199,13 @@ class Run:
             checkpoint.release_lock(self.args.out)
         self.dist.close()
 
-    def end_step(self, step: int, metrics: dict, rollouts: list):
+    def end_step(self, step: int, metrics: dict, completions: list):
         """Validate, log and checkpoint as the flags say; rank 0 prints the step's line (every
         --log-every steps and the last) and each checkpoint saved, each on a line of its own."""
         args, done = self.args, step + 1
         if args.val_every and done % args.val_every == 0 and self.val:
             metrics.update(validate(self))
-        show = rollouts[:2] if args.samples_every and step % args.samples_every == 0 else None
+        show = completions[:2] if args.samples_every and step % args.samples_every == 0 else None
         self.logger.log(done, metrics, show)
         self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                              acc=f"{metrics['accuracy']:.3f}", len=f"{metrics['response_len']:.0f}")
@@ -404,7 +404,7 @@ class Logger:
                 self.wandb = wandb.init(project=args.wandb_project, config=vars(args), mode=mode,
                                         dir=args.out)
 
-    def log(self, step: int, metrics: dict, rollouts=None):
+    def log(self, step: int, metrics: dict, completions=None):
         if not self.on:
             return
         now = round(time.time(), 1)
@@ -412,7 +412,7 @@ class Logger:
         self.metrics.flush()
         if self.wandb:
             self.wandb.log(metrics, step=step)
-        for r in rollouts or []:
+        for r in completions or []:
             row = dict(step=step, time=now, question=r.question.id,
                        prompt=self.tokenizer.decode(r.prompt_ids), prompt_style=self.prompt_style,
                        gold=r.question.answer, letter=r.info.letter, reward=r.reward,

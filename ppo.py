@@ -136,11 +136,11 @@ class KLController:
 WHITEN_EPS = 1e-8  # on the variance, as OpenRLHF: (A - mean) * rsqrt(max(var, eps))
 
 
-def set_advantages(rollouts: list[rl.Rollout], beta: float, args, dist) -> dict:
-    """Per-token rewards, GAE and globally whitened advantages on every rollout. Needs .values,
+def set_advantages(completions: list[rl.Completion], beta: float, args, dist) -> dict:
+    """Per-token rewards, GAE and globally whitened advantages on every completion. Needs .values,
     and with beta > 0 .old_logprobs (the policy's training forward) and .ref_logprobs."""
     sums = dict.fromkeys(["n", "adv", "adv2", "ret", "ret2", "err2", "kl"], 0.0)
-    for r in rollouts:
+    for r in completions:
         if r.ref_logprobs is None:
             kl = torch.zeros(len(r.response_ids))
         else:
@@ -159,7 +159,7 @@ def set_advantages(rollouts: list[rl.Rollout], beta: float, args, dist) -> dict:
     n = max(g["n"], 1)
     mean = g["adv"] / n
     var = max(g["adv2"] / n - mean ** 2, 0.0)
-    for r in rollouts:
+    for r in completions:
         r.advantages = (r.advantages - mean) / max(var, WHITEN_EPS) ** 0.5
     var_returns = g["ret2"] / n - (g["ret"] / n) ** 2
     return dict(kl=g["kl"] / n, explained_variance=1 - (g["err2"] / n) / max(var_returns, 1e-8))
@@ -178,20 +178,20 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
     args, dist, t0 = run.args, run.dist, time.perf_counter()
     questions, first_group = run.questions(step)
     times = {}  # time_generate, time_reward
-    rollouts = rl.collect(policy.module, run.tokenizer, questions, first_group, run.sampling(step),
-                          args, run.reward_values, dist, times)
-    metrics = dict(rl.rollout_metrics(rollouts, dist), **times)
+    completions = rl.collect(policy.module, run.tokenizer, questions, first_group,
+                             run.sampling(step), args, run.reward_values, dist, times)
+    metrics = dict(rl.rollout_metrics(completions, dist), **times)
     t1 = time.perf_counter()
     if ref is not None:
-        for r, lp in zip(rollouts, rl.score(ref, rollouts, args, dist)):
+        for r, lp in zip(completions, rl.score(ref, completions, args, dist)):
             r.ref_logprobs = lp
     if ref is not None or args.ppo_epochs * args.mini_batches > 1 or args.tis_cap:
-        for r, lp in zip(rollouts, rl.score(policy.module, rollouts, args, dist)):
+        for r, lp in zip(completions, rl.score(policy.module, completions, args, dist)):
             r.old_logprobs = lp  # the training forward's: the KL's policy side, the old ratios
-        metrics.update(rl.mismatch_metrics(rollouts, args.tis_cap, dist))
-    for r, v in zip(rollouts, rl.score(critic.module, rollouts, args, dist)):
+        metrics.update(rl.mismatch_metrics(completions, args.tis_cap, dist))
+    for r, v in zip(completions, rl.score(critic.module, completions, args, dist)):
         r.values = v
-    advantage_stats = set_advantages(rollouts, kl_ctl.beta, args, dist)
+    advantage_stats = set_advantages(completions, kl_ctl.beta, args, dist)
     t2 = time.perf_counter()
 
     def actor_loss(mb, weights):  # the KL is in the reward, not the loss
@@ -199,7 +199,7 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
 
     def critic_loss(mb, weights):
         return value_loss(critic.module, mb, weights, args)
-    batch = rl.in_loss(rollouts, args)
+    batch = rl.in_loss(completions, args)
     metrics.update(rl.policy_metrics(rl.update(policy, batch, actor_loss, args, dist)))
     critic_steps = rl.update(critic, batch, critic_loss, args, dist)
     metrics.update(advantage_stats, kl_coef=kl_ctl.beta)  # the reward's KL, not the loss's 0
@@ -211,7 +211,7 @@ def train_step(step: int, policy: rl.Trainable, critic: rl.Trainable, ref, kl_ct
     kl_ctl.update(metrics["kl"], metrics["completions"])
     t3 = time.perf_counter()
     metrics.update(time_rollout=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, step_time=t3 - t0)
-    return metrics, rollouts
+    return metrics, completions
 
 
 def main(argv=None):
@@ -226,8 +226,8 @@ def main(argv=None):
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     run.track("kl_controller", kl_ctl)
     for step in run.steps():
-        metrics, rollouts = train_step(step, policy, critic, ref, kl_ctl, run)
-        run.end_step(step, metrics, rollouts)
+        metrics, completions = train_step(step, policy, critic, ref, kl_ctl, run)
+        run.end_step(step, metrics, completions)
 
 
 if __name__ == "__main__":

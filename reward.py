@@ -1,6 +1,6 @@
 r"""Rule-based verifiable rewards for multiple-choice QA (pure Python, standard library only).
 
-score(completion, example, fmt, values) -> (reward, RewardInfo): values.correct if the parsed
+grade(completion, example, fmt, values) -> (reward, RewardInfo): values.correct if the parsed
 letter is example.answer, .wrong if it is another option, else .bad_format (with a reason; a
 completion that is not a str scores bad format, reason "not text"). The answer region:
 - boxed (AlphaMed): content of the LAST `\boxed{`, braces balanced; text after it is ignored.
@@ -177,7 +177,7 @@ def answer_leaks(reasoning, letter):
     return re.search(declared, head, re.M) is not None
 
 
-def score(completion, example, fmt="boxed", values=ALPHAMED):
+def grade(completion, example, fmt="boxed", values=ALPHAMED):
     """Reward and diagnostics for one completion; see the module docstring for the rules."""
     if fmt not in _EXTRACT:
         raise ValueError(f"unknown reward format {fmt!r}; known formats: {', '.join(FORMATS)}")

@@ -4,9 +4,9 @@ A step is: collect (sample n completions per prompt with the policy's own weight
 with the rule reward) -> the algorithm's advantages -> score (per-token log-probs of the reference
 and the old policy, a critic's values) -> update (optimizer steps over packed micro-batches).
 
-- `Rollout`: one completion with its group (the prompt it answers), reward, and the per-token
+- `Completion`: one completion with its group (the prompt it answers), reward, and the per-token
   tensors the losses read. One record from sampling to the optimizer.
-- `micro_batches`: rollouts packed back to back (cu_seqlens, no padding) up to a token budget;
+- `micro_batches`: completions packed back to back (cu_seqlens, no padding) up to a token budget;
   a group's responses share one copy of its prompt (M.SharedPrefix), so scoring and the update
   process each prompt once per micro-batch instead of once per completion.
 - `score`: log-probs of the response tokens under any model (or a critic's values). Every rank
@@ -33,7 +33,7 @@ from reward import RewardInfo
 
 
 @dataclass
-class Rollout:
+class Completion:
     """One completion and everything the update needs. Tensors are per response token (R,)."""
     question: data.Question
     group: int  # global index of its prompt in the step: the n completions of a prompt share it
@@ -42,7 +42,7 @@ class Rollout:
     sampler_logprobs: torch.Tensor  # the sampler's log-prob of each response token
     finish_reason: str  # "stop" or "length"
     # what the sampler divided the logits by: the trainer's log-probs divide by the same (from
-    # the rollout, so that a temperature schedule changes it in one place, the sampling settings)
+    # the completion, so that a temperature schedule changes it in one place, the sampling settings)
     temperature: float = 1.0
     text: str = ""
     reward: float = 0.0
@@ -67,20 +67,20 @@ def collect(policy, tok, questions, first_group: int, sampling: rollout.Sampling
                                    prompt_offset=first_group,
                                    progress=dist.main and sys.stderr.isatty())
     generated = time.perf_counter()
-    rollouts = []
+    completions = []
     for s in samples:
         q = questions[s.prompt_idx]
         text = tok.decode(s.response_ids, skip_special_tokens=True)
-        r, info = reward.score(text, q, args.format, reward_values)
+        r, info = reward.grade(text, q, args.format, reward_values)
         r += overlong_penalty(len(s.response_ids), sampling.max_new_tokens, args.overlong_buffer,
                               args.overlong_penalty)
-        rollouts.append(Rollout(q, first_group + s.prompt_idx, s.prompt_ids, s.response_ids,
-                                torch.tensor(s.logprobs), s.finish_reason,
-                                sampling.temperature or 1.0, text, r, info))
+        completions.append(Completion(q, first_group + s.prompt_idx, s.prompt_ids, s.response_ids,
+                                      torch.tensor(s.logprobs), s.finish_reason,
+                                      sampling.temperature or 1.0, text, r, info))
     if times is not None:
         times["time_generate"] = times.get("time_generate", 0.0) + generated - start
         times["time_reward"] = times.get("time_reward", 0.0) + time.perf_counter() - generated
-    return rollouts
+    return completions
 
 
 def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float) -> float:
@@ -91,16 +91,16 @@ def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float) -> 
     return -penalty * (length - (max_len - buffer)) / buffer
 
 
-def in_loss(rollouts: list[Rollout], args) -> list[Rollout]:
-    """The rollouts the loss sees: all, or (--mask-truncated) those not cut at the length cap."""
-    return [r for r in rollouts if not (args.mask_truncated and r.finish_reason == "length")]
+def in_loss(completions: list[Completion], args) -> list[Completion]:
+    """The completions the loss sees: all, or (--mask-truncated) those not cut at the length cap."""
+    return [r for r in completions if not (args.mask_truncated and r.finish_reason == "length")]
 
 
-def mismatch_metrics(rollouts: list[Rollout], cap: float, dist: Dist) -> dict:
+def mismatch_metrics(completions: list[Completion], cap: float, dist: Dist) -> dict:
     """Sampler vs trainer log-probs on the same weights (needs .old_logprobs): mean and max
     |log-ratio|, and the truncated importance weights min(pi_old / pi_sampler, cap): the share
     capped and their effective sample size (sum w)^2 / (n sum w^2), in (0, 1]."""
-    gaps = [r.old_logprobs - r.sampler_logprobs for r in rollouts]
+    gaps = [r.old_logprobs - r.sampler_logprobs for r in completions]
     w = [torch.exp(g).clamp(max=cap) if cap else torch.exp(g) for g in gaps]
     sums = dist.sum([sum(len(g) for g in gaps), sum(g.abs().sum().item() for g in gaps),
                      sum(x.sum().item() for x in w), sum((x ** 2).sum().item() for x in w),
@@ -118,21 +118,21 @@ def global_std(values: list[float], dist: Dist) -> float:
     return max((squares - total * total / n) / max(n - 1, 1), 0.0) ** 0.5
 
 
-def rollout_metrics(rollouts: list[Rollout], dist: Dist) -> dict:
+def rollout_metrics(completions: list[Completion], dist: Dist) -> dict:
     """Means over every rank's completions (one all-reduce); the longest response; how many
     completions and tokens were generated; the share of groups whose completions all got the
     same reward (no signal for GRPO)."""
-    lens = [len(r.response_ids) for r in rollouts]
+    lens = [len(r.response_ids) for r in completions]
     rewards_of = {}  # group -> the rewards its completions got
-    for r in rollouts:
+    for r in completions:
         rewards_of.setdefault(r.group, set()).add(r.reward)
     dead = sum(len(rewards) == 1 for rewards in rewards_of.values())
-    sums = dist.sum([len(rollouts), sum(r.reward for r in rollouts),
-                     sum(r.info.correct for r in rollouts),
-                     sum(not r.info.format_ok for r in rollouts), sum(lens),
-                     sum(r.finish_reason == "length" for r in rollouts),
-                     sum(r.info.answer_leak for r in rollouts),
-                     sum(r.info.reasoning_chars for r in rollouts), len(rewards_of), dead])
+    sums = dist.sum([len(completions), sum(r.reward for r in completions),
+                     sum(r.info.correct for r in completions),
+                     sum(not r.info.format_ok for r in completions), sum(lens),
+                     sum(r.finish_reason == "length" for r in completions),
+                     sum(r.info.answer_leak for r in completions),
+                     sum(r.info.reasoning_chars for r in completions), len(rewards_of), dead])
     total = max(sums[0], 1)
     names = ["reward_mean", "accuracy", "format_fail", "response_len", "truncated", "answer_leak",
              "reasoning_chars"]
@@ -146,17 +146,17 @@ def rollout_metrics(rollouts: list[Rollout], dist: Dist) -> dict:
 
 @dataclass
 class MicroBatch:
-    rollouts: list[Rollout]
-    ids: torch.Tensor  # (N,) each prompt once, then its rollouts' responses, packed
+    completions: list[Completion]
+    ids: torch.Tensor  # (N,) each prompt once, then its completions' responses, packed
     positions: torch.Tensor  # (N,) a response continues its prompt's positions
     cu_seqlens: torch.Tensor  # (S+1,) int32, the query tokens of each attention sequence
     max_seqlen: int
     select: torch.Tensor  # (R,) rows whose next token is a response token
     targets: torch.Tensor  # (R,) those response tokens
-    lengths: list[int] = field(default_factory=list)  # response length of each rollout
+    lengths: list[int] = field(default_factory=list)  # response length of each completion
     attention: M.SharedPrefix | None = None  # None: no prompt is shared, plain causal packing
-    temperature: float = 1.0  # the rollouts' sampling temperature, which log-probs divide by
-    # Per response token, (R,) each, concatenated over the rollouts; None when they have none.
+    temperature: float = 1.0  # the completions' sampling temperature, which log-probs divide by
+    # Per response token, (R,) each, concatenated over the completions; None when they have none.
     sampler_logprobs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
@@ -165,17 +165,17 @@ class MicroBatch:
     returns: torch.Tensor | None = None
 
 
-def _shares_prompt(r: Rollout, previous: Rollout | None) -> bool:
+def _shares_prompt(r: Completion, previous: Completion | None) -> bool:
     """Whether r's prompt is the one just packed (the samples of a group are adjacent)."""
     return (previous is not None and len(r.response_ids) > 0
             and r.prompt_ids == previous.prompt_ids)
 
 
-def micro_batches(rollouts: list[Rollout], token_budget: int, device) -> list[MicroBatch]:
+def micro_batches(completions: list[Completion], token_budget: int, device) -> list[MicroBatch]:
     """Greedy packing in order until the token budget (a shared prompt counted once); an
-    over-long rollout gets its own batch."""
+    over-long completion gets its own batch."""
     batches, current, size = [], [], 0
-    for r in rollouts:
+    for r in completions:
         shared = _shares_prompt(r, current[-1] if current else None)
         n = len(r.response_ids) + (0 if shared else len(r.prompt_ids))
         if current and size + n > token_budget:
@@ -194,16 +194,16 @@ def _cat(tensors: list, device) -> torch.Tensor | None:
     return torch.cat(tensors).float().to(device)
 
 
-def pack(rollouts: list[Rollout], device) -> MicroBatch:
-    """One micro-batch. A rollout whose prompt is its predecessor's adds only its response, at the
-    positions after the prompt; it attends to the prompt's packed rows (kv_index), and its first
+def pack(completions: list[Completion], device) -> MicroBatch:
+    """One micro-batch. A completion whose prompt is its predecessor's adds only its response, at
+    the positions after the prompt; it attends to the prompt's packed rows (kv_index), and its first
     token is predicted by the prompt's last row, the row that predicts every sibling's first."""
-    temperatures = {r.temperature for r in rollouts}
+    temperatures = {r.temperature for r in completions}
     if len(temperatures) > 1:  # one temperature divides a micro-batch's logits
-        raise ValueError(f"rollouts sampled at temperatures {sorted(temperatures)} in one batch")
+        raise ValueError(f"completions sampled at temperatures {sorted(temperatures)} in one batch")
     ids, positions, select, targets = [], [], [], []
     cu_q, cu_k, kv_index, prompt_rows, previous = [0], [0], [], [], None
-    for r in rollouts:
+    for r in completions:
         start, p, n = len(ids), len(r.prompt_ids), len(r.response_ids)
         if _shares_prompt(r, previous):
             ids += r.response_ids
@@ -228,16 +228,16 @@ def pack(rollouts: list[Rollout], device) -> MicroBatch:
                                    device=device), max(b - a for a, b in zip(cu_k, cu_k[1:])),
                                    torch.tensor(kv_index, device=device))
     return MicroBatch(
-        rollouts, torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+        completions, torch.tensor(ids, device=device), torch.tensor(positions, device=device),
         cu_q, max_q, torch.tensor(select, device=device),
-        torch.tensor(targets, device=device), [len(r.response_ids) for r in rollouts], attention,
+        torch.tensor(targets, device=device), [len(r.response_ids) for r in completions], attention,
         temperatures.pop(),
-        sampler_logprobs=_cat([r.sampler_logprobs for r in rollouts], device),
-        advantages=_cat([r.advantages for r in rollouts], device),
-        old_logprobs=_cat([r.old_logprobs for r in rollouts], device),
-        ref_logprobs=_cat([r.ref_logprobs for r in rollouts], device),
-        values=_cat([r.values for r in rollouts], device),
-        returns=_cat([r.returns for r in rollouts], device))
+        sampler_logprobs=_cat([r.sampler_logprobs for r in completions], device),
+        advantages=_cat([r.advantages for r in completions], device),
+        old_logprobs=_cat([r.old_logprobs for r in completions], device),
+        ref_logprobs=_cat([r.ref_logprobs for r in completions], device),
+        values=_cat([r.values for r in completions], device),
+        returns=_cat([r.returns for r in completions], device))
 
 
 def sequence_mean(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -252,8 +252,8 @@ def dummy_batch(device) -> MicroBatch:
     """One token with every per-token field zero: a rank with fewer micro-batches runs these, at
     weight zero, so that every rank makes the same forwards and backwards (FSDP's collectives)."""
     zero = torch.zeros(1)
-    return pack([Rollout(None, -1, [0], [0], zero, "length", advantages=zero, old_logprobs=zero,
-                         ref_logprobs=zero, values=zero, returns=zero)], device)
+    return pack([Completion(None, -1, [0], [0], zero, "length", advantages=zero, old_logprobs=zero,
+                            ref_logprobs=zero, values=zero, returns=zero)], device)
 
 
 # ----------------------------------------------------------------------------- forwards
@@ -273,11 +273,11 @@ def values(critic, mb: MicroBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(model, rollouts: list[Rollout], args, dist: Dist) -> list[torch.Tensor]:
-    """Each rollout's per-response-token log-probs under `model` (a critic: its values), on the
+def score(model, completions: list[Completion], args, dist: Dist) -> list[torch.Tensor]:
+    """Each completion's per-response-token log-probs under `model` (a critic: its values), on the
     CPU. Every rank runs the same number of forwards."""
     critic = model.config.value_head
-    mbs = micro_batches(rollouts, args.micro_tokens, dist.device)
+    mbs = micro_batches(completions, args.micro_tokens, dist.device)
     dummy = dummy_batch(dist.device)
     out = []  # on the device until all are done: one read, not one per micro-batch
     for i in range(dist.max(len(mbs))):
@@ -285,7 +285,7 @@ def score(model, rollouts: list[Rollout], args, dist: Dist) -> list[torch.Tensor
         per_token = values(model, mb) if critic else logprobs(model, mb)[0]
         if i < len(mbs):
             out.append(per_token.float())  # (R_i,)
-    lengths = [len(r.response_ids) for r in rollouts]
+    lengths = [len(r.response_ids) for r in completions]
     return list(torch.cat(out).cpu().split(lengths)) if out else []
 
 
@@ -337,28 +337,29 @@ def lr_lambda(args, total: int):
     return factor
 
 
-def update(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist,
+def update(part: Trainable, completions: list[Completion], loss_fn, args, dist: Dist,
            needs_forward=None) -> list[dict]:
-    """--ppo-epochs passes over the rollouts, each in --mini-batches optimizer steps.
+    """--ppo-epochs passes over the completions, each in --mini-batches optimizer steps.
     loss_fn(mb, weights) -> (loss, {name: per-token tensor}); returns one dict per optimizer step:
     the loss and each statistic summed over the computed tokens of every rank, `tokens`,
     `skipped_tokens`, the learning rate the step used and the grad norm (absent when no rank
-    computed a token: nothing was differentiated). needs_forward(rollout) False: the
-    rollout cannot change the loss (GRPO: zero advantage and no KL or entropy term), so it gets
+    computed a token: nothing was differentiated). needs_forward(completion) False: the
+    completion cannot change the loss (GRPO: zero advantage and no KL or entropy term), so it gets
     no forward or backward, but still counts in the loss normaliser."""
-    minis = [rollouts[i::args.mini_batches] for i in range(args.mini_batches)]
+    minis = [completions[i::args.mini_batches] for i in range(args.mini_batches)]
     steps = [optimizer_step(part, mini, loss_fn, args, dist, needs_forward)
              for _ in range(args.ppo_epochs) for mini in minis]
     return [s for s in steps if s is not None]
 
 
-def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist: Dist,
+def optimizer_step(part: Trainable, completions: list[Completion], loss_fn, args, dist: Dist,
                    needs_forward=None) -> dict | None:
-    """One optimizer step on `rollouts` (all ranks' together); None, with nothing changed, when no
-    rank has any (e.g. --drop-zero-var dropped every group): AdamW would still decay weights."""
-    computed = [r for r in rollouts if needs_forward is None or needs_forward(r)]
-    tokens, seqs, skipped = dist.sum([sum(len(r.response_ids) for r in rollouts), len(rollouts),
-                                      sum(len(r.response_ids) for r in rollouts)
+    """One optimizer step on `completions` (all ranks' together); None, with nothing changed, when
+    no rank has any (e.g. --drop-zero-var dropped every group): AdamW would still decay weights."""
+    computed = [r for r in completions if needs_forward is None or needs_forward(r)]
+    tokens, seqs, skipped = dist.sum([sum(len(r.response_ids) for r in completions),
+                                      len(completions),
+                                      sum(len(r.response_ids) for r in completions)
                                       - sum(len(r.response_ids) for r in computed)])
     if seqs == 0:
         return None
@@ -372,7 +373,7 @@ def optimizer_step(part: Trainable, rollouts: list[Rollout], loss_fn, args, dist
     zero = torch.zeros(1, device=dist.device)  # matched with the others'
     sums = {"loss": torch.zeros((), device=dist.device)}
     computed_tokens = sum(len(mb.targets) for mb in mbs)
-    # At least one (dummy) micro-batch: with every rollout skipped, zero gradients still make
+    # At least one (dummy) micro-batch: with every completion skipped, zero gradients still make
     # AdamW take the step it would have taken (its moments decay), as without the skip.
     for i in range(max(dist.max(len(mbs)), 1)):
         real = i < len(mbs)

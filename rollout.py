@@ -89,7 +89,7 @@ def _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens):
         raise ValueError(f"stop ids {bad} are outside the vocabulary [0, {vocab})")
 
 
-class _Run:
+class _Engine:
     """Host-side bookkeeping for one generate() call."""
 
     def __init__(self, prompts, n, cache: KVCache, seed: int, prompt_offset: int, device):
@@ -161,7 +161,7 @@ class _Run:
         return sampled + sum(len(self.prompts[p]) for p in entries.values())
 
 
-def _prefill(model, run: _Run, batch):
+def _prefill(model, engine: _Engine, batch):
     """One packed forward over the admitted prompts that need one (source None), their prompt
     written into the cache; the others' prompt is in the cache already (their entry) or copied
     from their source slot. Returns the new slots and each one's next-token logits (B, V)."""
@@ -169,29 +169,29 @@ def _prefill(model, run: _Run, batch):
     runs, t0 = [], 0
     for p, samples, slots, entry, source in batch:
         for s, j in zip(slots, samples):
-            run.slot_of[s] = (p, j)
-            run.tokens[(p, j)], run.logps[(p, j)] = [], []
+            engine.slot_of[s] = (p, j)
+            engine.tokens[(p, j)], engine.logps[(p, j)] = [], []
         if source is not None:
-            if not run.cache.shared:  # the prompt in each slot
-                run.cache.copy_prompt(source, slots, len(run.prompts[p]))
+            if not engine.cache.shared:  # the prompt in each slot
+                engine.cache.copy_prompt(source, slots, len(engine.prompts[p]))
             continue
-        t1 = t0 + len(run.prompts[p])
-        if run.cache.shared:  # the prompt once, in its entry
+        t1 = t0 + len(engine.prompts[p])
+        if engine.cache.shared:  # the prompt once, in its entry
             runs.append((entry, entry + 1, t0, t1))
-        for s in () if run.cache.shared else slots:  # the prompt in each slot
+        for s in () if engine.cache.shared else slots:  # the prompt in each slot
             if runs and runs[-1][1] == s and runs[-1][2] == t0:  # the run goes on
                 runs[-1] = (runs[-1][0], s + 1, t0, t1)
             else:
                 runs.append((s, s + 1, t0, t1))
         t0 = t1
     if fresh:
-        ids, pos, cu, max_seqlen = M.pack([run.prompts[b[0]] for b in fresh], run.device)
-        writes = Prefill(run.cache, cu, max_seqlen, runs)
+        ids, pos, cu, max_seqlen = M.pack([engine.prompts[b[0]] for b in fresh], engine.device)
+        writes = Prefill(engine.cache, cu, max_seqlen, runs)
         logits = model(ids, pos, cu, max_seqlen, attention=writes, select=cu[1:].long() - 1)
         # (V,) each, copied: a view would keep the whole batch's logits while one prompt lives
-        run.first_logits.update({b[0]: row.clone() for b, row in zip(fresh, logits)})
+        engine.first_logits.update({b[0]: row.clone() for b, row in zip(fresh, logits)})
     new_slots = [s for b in batch for s in b[2]]
-    return new_slots, torch.stack([run.first_logits[b[0]] for b in batch for _ in b[2]])
+    return new_slots, torch.stack([engine.first_logits[b[0]] for b in batch for _ in b[2]])
 
 
 @torch.no_grad()
@@ -217,7 +217,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
     # prompt held once when there are groups (n > 1; for n = 1, one read per slot costs less).
     cache = KVCache(model.config, slots, prompt_len, max_new_tokens, device, dtype,
                     flash=M.use_flash(embed), shared=n > 1)
-    run = _Run(prompts, n, cache, sampling.seed, prompt_offset, device)
+    engine = _Engine(prompts, n, cache, sampling.seed, prompt_offset, device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     last = {}  # slot -> last sampled token, fed back next step
     # Progress in tokens, so that the bar moves with every decode step (a long completion takes
@@ -228,61 +228,62 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
                disable=not progress, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)
     slots_now, logits = [], None
     while True:
-        batch = run.admit()
+        batch = engine.admit()
         if batch:
-            new_slots, new_logits = _prefill(model, run, batch)
+            new_slots, new_logits = _prefill(model, engine, batch)
             slots_now, logits = slots_now + new_slots, (new_logits if logits is None else
                                                         torch.cat([logits, new_logits]))
         if not slots_now:
             break
-        finished = _sample_step(run, slots_now, logits, stops, last, sampling)
+        finished = _sample_step(engine, slots_now, logits, stops, last, sampling)
         if finished:  # no redraw of its own: the update below draws at most each mininterval
-            bar.total -= sum(max_new_tokens - len(run.tokens[run.slot_of[s]]) for s in finished)
-            bar.set_postfix_str(f"{len(run.done)}/{n * len(prompts)} done", refresh=False)
+            unused = [max_new_tokens - len(engine.tokens[engine.slot_of[s]]) for s in finished]
+            bar.total -= sum(unused)
+            bar.set_postfix_str(f"{len(engine.done)}/{n * len(prompts)} done", refresh=False)
         bar.update(len(slots_now))  # a token for every slot
         for s in finished:
-            run.release(s)
+            engine.release(s)
             del last[s]
-        slots_now = sorted(run.slot_of)
+        slots_now = sorted(engine.slot_of)
         if slots_now:
-            logits = _decode(model, run, slots_now, last)
+            logits = _decode(model, engine, slots_now, last)
         else:
             logits = None
     bar.close()
-    del run.cache  # the only reference: the cache memory is freed here
-    return [Sample(p, j, list(prompts[p]), run.tokens[(p, j)], run.logps[(p, j)], run.done[(p, j)])
-            for p in range(len(prompts)) for j in range(n)]
+    del engine.cache  # the only reference: the cache memory is freed here
+    return [Sample(p, j, list(prompts[p]), engine.tokens[(p, j)], engine.logps[(p, j)],
+                   engine.done[(p, j)]) for p in range(len(prompts)) for j in range(n)]
 
 
-def _sample_step(run: _Run, slots, logits, stops, last, sampling: Sampling):
+def _sample_step(engine: _Engine, slots, logits, stops, last, sampling: Sampling):
     """Sample the next token of every slot in `slots` (rows of `logits`); return finished slots."""
-    comps = [run.slot_of[s] for s in slots]
-    pidx = torch.tensor([c[0] for c in comps], device=run.device)
-    sidx = torch.tensor([c[1] for c in comps], device=run.device)
-    steps = torch.tensor([len(run.tokens[c]) for c in comps], device=run.device)
-    u = uniforms(completion_keys(run.seed, pidx + run.prompt_offset, sidx), steps)
+    comps = [engine.slot_of[s] for s in slots]
+    pidx = torch.tensor([c[0] for c in comps], device=engine.device)
+    sidx = torch.tensor([c[1] for c in comps], device=engine.device)
+    steps = torch.tensor([len(engine.tokens[c]) for c in comps], device=engine.device)
+    u = uniforms(completion_keys(engine.seed, pidx + engine.prompt_offset, sidx), steps)
     tokens, logps = sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, u)
     is_stop = torch.isin(tokens, stops)
     # The one host sync of the step: the tokens decide which slots are done.
     tokens, logps, is_stop = tokens.tolist(), logps.tolist(), is_stop.tolist()
     finished = []
     for s, c, t, lp, stop in zip(slots, comps, tokens, logps, is_stop):
-        run.tokens[c].append(t)
-        run.logps[c].append(lp)
+        engine.tokens[c].append(t)
+        engine.logps[c].append(lp)
         last[s] = t
-        if stop or len(run.tokens[c]) >= sampling.max_new_tokens:
-            run.done[c] = "stop" if stop else "length"
+        if stop or len(engine.tokens[c]) >= sampling.max_new_tokens:
+            engine.done[c] = "stop" if stop else "length"
             finished.append(s)
     return finished
 
 
-def _decode(model, run: _Run, slots, last):
+def _decode(model, engine: _Engine, slots, last):
     """One decode step for the occupied slots: logits (B, V) for their next tokens."""
-    dev, cache = run.device, run.cache
-    comps = [run.slot_of[s] for s in slots]
+    dev, cache = engine.device, engine.cache
+    comps = [engine.slot_of[s] for s in slots]
     # Sampled tokens already cached: all but the last, which this step feeds in.
-    host_new = [len(run.tokens[c]) - 1 for c in comps]
-    host_lens = [len(run.prompts[p]) + t for (p, _), t in zip(comps, host_new)]  # positions
+    host_new = [len(engine.tokens[c]) - 1 for c in comps]
+    host_lens = [len(engine.prompts[p]) + t for (p, _), t in zip(comps, host_new)]  # positions
     rows = torch.tensor(slots, dtype=torch.int32, device=dev)
     lens = torch.tensor(host_lens, dtype=torch.int32, device=dev)
     ids = torch.tensor([last[s] for s in slots], device=dev)
@@ -296,9 +297,9 @@ def _decode(model, run: _Run, slots, last):
     if cache.shared:
         rows_of = {}  # entry -> batch rows reading it
         for i, s in enumerate(slots):
-            rows_of.setdefault(run.entry_of[s], []).append(i)
+            rows_of.setdefault(engine.entry_of[s], []).append(i)
         entries = sorted(rows_of)
-        keys = [len(run.prompts[comps[rows_of[e][0]][0]]) for e in entries]
+        keys = [len(engine.prompts[comps[rows_of[e][0]][0]]) for e in entries]
         prompts = decode_segments(entries, [rows_of[e] for e in entries], keys, cache, dev)
     new = torch.tensor(at, dtype=torch.int32, device=dev)
     return model(ids, lens.long(), attention=Decode(cache, rows, lens, new, own, prompts))

@@ -588,7 +588,7 @@ def parity(ours, hf, cfg, device) -> dict:
     ref_logp = ref.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     # One prompt's completions packed as training packs a group: the prompt once, each response
     # attending to it (model.SharedPrefix; varlen attention with fewer queries than keys).
-    group = [rl.Rollout(None, 0, seqs[1], seqs[0][:n], None, "stop") for n in (40, 9, 128)]
+    group = [rl.Completion(None, 0, seqs[1], seqs[0][:n], None, "stop") for n in (40, 9, 128)]
     shared, _ = rl.logprobs(ours, rl.pack(group, device))
     ref_shared = []
     for r in group:
@@ -693,9 +693,9 @@ def logprob_paths(model, check: Check) -> dict:
     new_tokens = 64 if check.cuda else 12
     samples = R.generate(model, prompts, R.Sampling(max_new_tokens=new_tokens), stop_ids=[],
                          progress=False)
-    rollouts = [rl.Rollout(None, i, s.prompt_ids, s.response_ids, torch.tensor(s.logprobs),
-                           s.finish_reason) for i, s in enumerate(samples)]
-    mb = rl.pack(rollouts, check.device)
+    completions = [rl.Completion(None, i, s.prompt_ids, s.response_ids, torch.tensor(s.logprobs),
+                                 s.finish_reason) for i, s in enumerate(samples)]
+    mb = rl.pack(completions, check.device)
     hidden = []
     hook = model.model.norm.register_forward_hook(lambda m, i, o: hidden.append(o))
     try:
@@ -800,7 +800,7 @@ def group_rollouts(vocab: int, cuda: bool) -> list:
         for _ in range(3):
             n = int(torch.randint(lo, hi + 1, (1,), generator=g))
             response = torch.randint(0, vocab, (n,), generator=g).tolist()
-            out.append(rl.Rollout(None, group, prompt, response, torch.zeros(n), "stop"))
+            out.append(rl.Completion(None, group, prompt, response, torch.zeros(n), "stop"))
     return out
 
 

@@ -141,7 +141,7 @@ def attended_tokens(run, slots) -> int:
 
 def kv_tokens_read(run, slots) -> int:
     """KV tokens a decode step reads: rollout's own count (a shared prompt once), or for an
-    older rollout.py (no `_Run.kv_tokens`) every attended token."""
+    older rollout.py (no `_Run.kv_tokens` / `_Engine.kv_tokens`) every attended token."""
     return run.kv_tokens(slots) if hasattr(run, "kv_tokens") else attended_tokens(run, slots)
 
 

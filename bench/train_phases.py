@@ -1,6 +1,6 @@
 """The training passes on the real model: medrl's scoring and update against transformers' forward
 and forward + backward on the same tokens, with a group's responses sharing one packed copy of
-their prompt and without (the same rollouts ordered so that no neighbours share a prompt), and an
+their prompt and without (the same completions ordered so that no neighbours share a prompt), and an
 update whose groups are all dead (skipped).
 
     OMP_NUM_THREADS=1 python bench/train_phases.py [--prompts 4 --group 4 --response 128]
@@ -24,7 +24,7 @@ import tiny
 from parallel import Dist
 
 
-def rollouts(path: str, prompts: int, group: int, response: int) -> list[rl.Rollout]:
+def completions(path: str, prompts: int, group: int, response: int) -> list[rl.Completion]:
     """`group` completions of each of the first `prompts` MedQA questions, adjacent."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
@@ -35,12 +35,12 @@ def rollouts(path: str, prompts: int, group: int, response: int) -> list[rl.Roll
         prompt = data.encode_prompt(tok, q, "alphamed")
         for _ in range(group):
             ids = torch.randint(0, 49152, (response,), generator=g).tolist()
-            out.append(rl.Rollout(q, i, prompt, ids, torch.zeros(response), "length",
-                                  advantages=torch.zeros(response)))
+            out.append(rl.Completion(q, i, prompt, ids, torch.zeros(response), "length",
+                                     advantages=torch.zeros(response)))
     return out
 
 
-def hf_logprobs(hf, batch: list[rl.Rollout]):
+def hf_logprobs(hf, batch: list[rl.Completion]):
     """transformers: one forward per sequence (no padding), log-softmax, the response tokens."""
     total = 0.0
     for r in batch:
@@ -64,8 +64,8 @@ def main():
         sys.exit(f"error: {e}")
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    batch = rollouts(path, args.prompts, args.group, args.response)
-    # the same rollouts, sample-major: no two neighbours share a prompt, so none is shared
+    batch = completions(path, args.prompts, args.group, args.response)
+    # the same completions, sample-major: no two neighbours share a prompt, so none is shared
     apart = [batch[i * args.group + j] for j in range(args.group) for i in range(args.prompts)]
     flags = grpo.get_args(["--model", path, "--micro-tokens", "2048", "--no-grad-ckpt", "--lr",
                            "1e-7", "--kl-coef", "0"])
@@ -73,10 +73,10 @@ def main():
     tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in batch)
     unique = sum(len(mb.ids) for mb in rl.micro_batches(batch, flags.micro_tokens, "cpu"))
 
-    def update(rollouts, live: bool):
-        for k, r in enumerate(rollouts):
+    def update(completions, live: bool):
+        for k, r in enumerate(completions):
             r.advantages = torch.full((args.response,), (1.0 if k % 2 else -1.0) * live)
-        rl.update(part, rollouts, lambda mb, w: grpo.policy_loss(part.module, mb, w, flags, 0.0),
+        rl.update(part, completions, lambda mb, w: grpo.policy_loss(part.module, mb, w, flags, 0.0),
                   flags, Dist(), lambda r: bool(r.advantages.any()))
 
     def hf_update():

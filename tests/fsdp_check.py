@@ -50,8 +50,8 @@ def items(n=6):
     for i in range(n):
         prompt = torch.randint(0, 300, (6,), generator=g).tolist()
         response = torch.randint(0, 300, (5,), generator=g).tolist()
-        out.append(rl.Rollout(None, i, prompt, response, torch.zeros(5), "stop",
-                              advantages=torch.full((5,), i - 2.5)))
+        out.append(rl.Completion(None, i, prompt, response, torch.zeros(5), "stop",
+                                 advantages=torch.full((5,), i - 2.5)))
     return out
 
 

@@ -42,14 +42,14 @@ def recompute_without_casts():
     FSDPState._cast_forward_inputs, FSDPState._cast_output_dtype = inputs, output
 
 
-def rollouts(rank: int, n: int = 4):
+def completions(rank: int, n: int = 4):
     g = torch.Generator().manual_seed(rank)
     out = []
     for i in range(n):
         prompt = torch.randint(0, 300, (7,), generator=g).tolist()
         response = torch.randint(0, 300, (5,), generator=g).tolist()
-        out.append(rl.Rollout(None, i, prompt, response, torch.zeros(5), "stop",
-                              advantages=torch.full((5,), i - 1.5)))
+        out.append(rl.Completion(None, i, prompt, response, torch.zeros(5), "stop",
+                                 advantages=torch.full((5,), i - 1.5)))
     return out
 
 
@@ -90,7 +90,7 @@ def main(ckpt: str, out: str):
     try:
         def loss_fn(mb, weights):
             return grpo.policy_loss(part.module, mb, weights, args, kl_coef=0.0)
-        steps = rl.update(part, rollouts(d.rank), loss_fn, args, d)
+        steps = rl.update(part, completions(d.rank), loss_fn, args, d)
         after = [p.detach().to_local() for p in part.module.parameters()]
         report = dict(loss=steps[0]["loss"], grad_norm=steps[0]["grad_norm"],
                       finite=all(bool(torch.isfinite(p).all()) for p in after),

@@ -57,8 +57,8 @@ def test_gspo_and_gspo_token_differ_with_per_token_advantages():
 
 def rollout_with(sampler, old, reward=0.0, finish="stop", group=0):
     n = len(sampler)
-    return rl.Rollout(None, group, [1, 2], [3] * n, torch.tensor(sampler), finish, reward=reward,
-                      old_logprobs=torch.tensor(old), advantages=torch.full((n,), 1.0))
+    return rl.Completion(None, group, [1, 2], [3] * n, torch.tensor(sampler), finish, reward=reward,
+                         old_logprobs=torch.tensor(old), advantages=torch.full((n,), 1.0))
 
 
 def test_mismatch_metrics_and_truncated_weights_by_hand():
@@ -76,8 +76,8 @@ def test_tis_weights_the_policy_loss(tmp_path):
     by min(pi_old / pi_sampler, 2), pi_old being the trainer's own log-prob."""
     policy = M.load_model(make_tiny_checkpoint(str(tmp_path / "m"), seed=2))
     args = grpo.get_args(["--model", "tiny", "--tis-cap", "2"])
-    r = rl.Rollout(None, 0, [5, 6, 7], [8, 9, 10], torch.zeros(3), "stop",
-                   advantages=torch.full((3,), 0.5))
+    r = rl.Completion(None, 0, [5, 6, 7], [8, 9, 10], torch.zeros(3), "stop",
+                      advantages=torch.full((3,), 0.5))
     mb = rl.micro_batches([r], 100, "cpu")[0]
     with torch.no_grad():
         lp, _ = rl.logprobs(policy, mb)
@@ -149,8 +149,8 @@ def test_a_new_advantage_free_term_gets_its_forward(monkeypatch):
     scale with the advantage is off: a researcher's new term (in grpo.advantage_free_terms, which
     policy_loss adds) turns the skip off without touching needs_forward."""
     args = grpo.get_args(["--model", "tiny", "--kl-coef", "0", "--entropy-coef", "0"])
-    dead = rl.Rollout(None, 0, [1], [2, 3], torch.zeros(2), "stop", advantages=torch.zeros(2))
-    live = rl.Rollout(None, 1, [1], [2, 3], torch.zeros(2), "stop", advantages=torch.ones(2))
+    dead = rl.Completion(None, 0, [1], [2, 3], torch.zeros(2), "stop", advantages=torch.zeros(2))
+    live = rl.Completion(None, 1, [1], [2, 3], torch.zeros(2), "stop", advantages=torch.ones(2))
     assert not grpo.needs_forward(args)(dead) and grpo.needs_forward(args)(live)
     for flags in (["--kl-coef", "0.01"], ["--entropy-coef", "0.01"]):
         assert grpo.needs_forward(grpo.get_args(["--model", "tiny"] + flags))(dead)
@@ -165,8 +165,8 @@ def test_policy_loss_returns_each_term_it_adds(tmp_path, monkeypatch):
     zero."""
     policy = M.load_model(make_tiny_checkpoint(str(tmp_path / "m"), seed=2))
     args = grpo.get_args(["--model", "tiny", "--entropy-coef", "0.01"])
-    r = rl.Rollout(None, 0, [5, 6, 7], [8, 9, 10], torch.zeros(3), "stop",
-                   advantages=torch.full((3,), 0.5))
+    r = rl.Completion(None, 0, [5, 6, 7], [8, 9, 10], torch.zeros(3), "stop",
+                      advantages=torch.full((3,), 0.5))
     mb = rl.pack([r], "cpu")
     _, stats = grpo.policy_loss(policy, mb, torch.ones(3), args, kl_coef=0.0)
     assert "entropy" in stats and "kl" not in stats  # KL off: not computed, not logged
@@ -185,12 +185,13 @@ def test_the_trainer_reads_the_temperature_from_the_rollouts(tmp_path):
     ckpt = make_tiny_checkpoint(str(tmp_path / "m"), seed=2)
     policy = M.load_model(ckpt)
     args = grpo.get_args(["--model", "tiny", "--temperature", "1.0", "--micro-tokens", "100"])
-    rollouts = [rl.Rollout(None, 0, [5, 6, 7], [8, 9, 10], torch.zeros(3), "stop",
-                           temperature=0.5)]
-    scored = rl.score(policy, rollouts, args, Dist())[0]
+    completions = [rl.Completion(None, 0, [5, 6, 7], [8, 9, 10], torch.zeros(3), "stop",
+                                 temperature=0.5)]
+    scored = rl.score(policy, completions, args, Dist())[0]
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     ref = torch.log_softmax(policy(ids)[0, 2:5] / 0.5, -1).gather(-1, ids[0, 3:, None])[:, 0]
     assert (scored - ref).abs().max() < 1e-5
-    mixed = rollouts + [rl.Rollout(None, 1, [1], [2], torch.zeros(1), "stop", temperature=1.0)]
+    other = rl.Completion(None, 1, [1], [2], torch.zeros(1), "stop", temperature=1.0)
+    mixed = completions + [other]
     with pytest.raises(ValueError, match="temperatures"):
         rl.pack(mixed, "cpu")

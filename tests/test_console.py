@@ -96,8 +96,8 @@ def test_what_an_all_dead_step_did_not_compute_is_absent(tmp_path, capsys):
 
 
 def rollout(group, length, advantage):
-    return rl.Rollout(None, group, [1, 2, 3], list(range(4, 4 + length)), torch.zeros(length),
-                      "stop", advantages=torch.full((length,), float(advantage)))
+    return rl.Completion(None, group, [1, 2, 3], list(range(4, 4 + length)), torch.zeros(length),
+                         "stop", advantages=torch.full((length,), float(advantage)))
 
 
 def test_statistics_of_skipped_tokens_and_of_a_new_loss_term():

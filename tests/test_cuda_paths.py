@@ -161,9 +161,9 @@ def test_varlen_path_matches_sdpa(ckpt, monkeypatch, version):
     m = M.load_model(ckpt)
     assert m.config.num_key_value_heads < m.config.num_attention_heads  # GQA
     prompt = torch.randint(0, 384, (13,)).tolist()
-    group = [rl.Rollout(None, 0, prompt, torch.randint(0, 384, (n,)).tolist(), None, "stop")
+    group = [rl.Completion(None, 0, prompt, torch.randint(0, 384, (n,)).tolist(), None, "stop")
              for n in (9, 1, 20)]
-    group.append(rl.Rollout(None, 1, [5, 6], [7, 8, 9], None, "stop"))
+    group.append(rl.Completion(None, 1, [5, 6], [7, 8, 9], None, "stop"))
     mb = rl.pack(group, "cpu")
     assert mb.attention is not None  # the shared-prefix layout
     seqs = [torch.randint(0, 384, (n,)).tolist() for n in (7, 31, 2)]

@@ -110,7 +110,7 @@ def test_a_bug_keeps_its_traceback(capsys, monkeypatch):
     assert exit_.value.code == 1
     assert capsys.readouterr().err == "error: need three numbers correct,wrong,bad-format\n"
     bad = evaluate.Generation("p", ["a"], [], ["stop"])  # zip(strict=True) fails at once
-    for bug in (lambda: evaluate.score_question(None, bad, "boxed"),  # ValueError, no `raise`
+    for bug in (lambda: evaluate.grade_question(None, bad, "boxed"),  # ValueError, no `raise`
                 lambda: [][0],                                        # IndexError
                 lambda: __import__("numpy").zeros(2).reshape(3)):     # ValueError in numpy
         with pytest.raises((ValueError, IndexError)):

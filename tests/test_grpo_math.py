@@ -114,9 +114,9 @@ def make_items(seed=0, group_sizes=(1, 3, 1, 2)):
             resp = torch.randint(0, 384, (int(torch.randint(1, 7, (1,), generator=g)),),
                                  generator=g)
             a = float(len(items)) - 3.0
-            items.append(rl.Rollout(None, group, prompt.tolist(), resp.tolist(),
-                                    torch.zeros(len(resp)), "stop", temperature=0.8,
-                                    advantages=torch.full((len(resp),), a)))
+            items.append(rl.Completion(None, group, prompt.tolist(), resp.tolist(),
+                                       torch.zeros(len(resp)), "stop", temperature=0.8,
+                                       advantages=torch.full((len(resp),), a)))
     return items
 
 
@@ -145,7 +145,8 @@ def reference_loss(policy, items, args, kl_coef):
         old = lp.detach() if it.old_logprobs is None else it.old_logprobs
         ratio = torch.exp(lp - old)
         a = it.advantages
-        surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.clip_low, 1 + args.clip_high))
+        clipped = ratio.clamp(1 - args.clip_low, 1 + args.clip_high)
+        surrogate = torch.maximum(-a * ratio, -a * clipped)
         tok = surrogate - args.entropy_coef * ent
         if kl_coef:
             d = it.ref_logprobs - lp
@@ -237,26 +238,27 @@ def test_micro_batches_respect_the_token_budget():
     shared = 0
     for budget in (1, 12, 20, 10_000):
         mbs = rl.micro_batches(items, budget, "cpu")
-        assert [it for mb in mbs for it in mb.rollouts] == items
+        assert [it for mb in mbs for it in mb.completions] == items
         for mb in mbs:
-            assert len(mb.rollouts) == 1 or len(mb.ids) <= budget
-            assert mb.targets.tolist() == [t for it in mb.rollouts for t in it.response_ids]
+            assert len(mb.completions) == 1 or len(mb.ids) <= budget
+            assert mb.targets.tolist() == [t for it in mb.completions for t in it.response_ids]
             # each packed token once; a sequence's keys, gathered, are its prompt + response
-            unique = sum(len(it.response_ids) + len(it.prompt_ids) for it in mb.rollouts)
+            unique = sum(len(it.response_ids) + len(it.prompt_ids) for it in mb.completions)
             att = mb.attention
             shared += att is not None
             keys = mb.ids if att is None else mb.ids[att.kv_index]
             cu_k = mb.cu_seqlens if att is None else att.cu_k
             seqs = [keys[a:b].tolist() for a, b in zip(cu_k[:-1], cu_k[1:])]
-            assert seqs == [it.prompt_ids + it.response_ids for it in mb.rollouts]
+            assert seqs == [it.prompt_ids + it.response_ids for it in mb.completions]
             assert len(mb.ids) < unique if att is not None else len(mb.ids) == unique
             # a selected row is the token just before its target in that sequence
             pos = mb.positions[mb.select]
             assert (mb.positions[mb.select] + 1).tolist() == [
-                len(it.prompt_ids) + j for it in mb.rollouts for j in range(len(it.response_ids))]
+                len(it.prompt_ids) + j for it in mb.completions
+                for j in range(len(it.response_ids))]
             assert mb.ids[mb.select].tolist() == [
                 (it.prompt_ids + it.response_ids)[q] for it, q in zip(
-                    [it for it in mb.rollouts for _ in it.response_ids], pos.tolist())]
+                    [it for it in mb.completions for _ in it.response_ids], pos.tolist())]
     assert shared
 
 

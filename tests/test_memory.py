@@ -56,7 +56,7 @@ def test_plan_matches_what_a_small_run_allocates(tmp_path):
                    progress=False)
     finally:
         kvcache.KVCache.__init__ = real_cache
-    batch = [rl.Rollout(None, 0, p, [1, 2], torch.zeros(2), "stop") for p in prompts]
+    batch = [rl.Completion(None, 0, p, [1, 2], torch.zeros(2), "stop") for p in prompts]
     mb = rl.micro_batches(batch, 10_000, "cpu")[0]
     rl.logprobs(policy.module, mb)[0].sum().backward()
     grads = sum(p.grad.nbytes for p in policy.module.parameters())

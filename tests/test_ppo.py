@@ -38,7 +38,7 @@ def test_kl_penalty_on_every_response_token_and_reward_on_the_last():
 
 
 def ppo_item(reward, values, old, ref):
-    return rl.Rollout(None, 0, [5, 6, 7], [9] * len(values), torch.zeros(len(values)), "stop",
+    return rl.Completion(None, 0, [5, 6, 7], [9] * len(values), torch.zeros(len(values)), "stop",
                        reward=reward, values=torch.tensor(values), old_logprobs=torch.tensor(old),
                        ref_logprobs=torch.tensor(ref))
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reward import ALPHAMED, FORMATS, MEDRLVR, RewardInfo, lenient_letter, score
+from reward import ALPHAMED, FORMATS, MEDRLVR, RewardInfo, grade, lenient_letter
 
 Q4 = SimpleNamespace(options={"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Alteplase"},
                      answer="B")
@@ -115,7 +115,7 @@ CASES = [
 
 @pytest.mark.parametrize("completion,example,fmt,values,reward,letter,format_ok", CASES)
 def test_score_table(completion, example, fmt, values, reward, letter, format_ok):
-    got, info = score(completion, example, fmt, values)
+    got, info = grade(completion, example, fmt, values)
     assert (got, info.letter, info.format_ok) == (reward, letter, format_ok)
     assert info.correct == (letter == example.answer)
     assert (info.reason == "") == format_ok
@@ -145,7 +145,7 @@ LONG = "Heparin potentiates antithrombin III and acts within minutes, unlike the
     ("<think>Vitamin **B. " + LONG + "</think><answer>B</answer>", TA, True),
 ])
 def test_answer_leak(completion, fmt, leak):
-    _, info = score(completion, Q4, fmt, MEDRLVR)
+    _, info = grade(completion, Q4, fmt, MEDRLVR)
     assert info.format_ok
     assert info.answer_leak is leak
 
@@ -175,7 +175,7 @@ HEDGES = [  # (completion, example, fmt, reason)
 
 @pytest.mark.parametrize("completion,example,fmt,reason", HEDGES)
 def test_hedges_are_format_failures(completion, example, fmt, reason):
-    got, info = score(completion, example, fmt, MEDRLVR)
+    got, info = grade(completion, example, fmt, MEDRLVR)
     assert (got, info.letter, info.format_ok, info.reason) == (-1.0, None, False, reason)
 
 
@@ -198,7 +198,7 @@ CLEAN = [  # (completion, example, fmt, letter): must stay accepted
 
 @pytest.mark.parametrize("completion,example,fmt,letter", CLEAN)
 def test_clean_answers_stay_correct(completion, example, fmt, letter):
-    got, info = score(completion, example, fmt, MEDRLVR)
+    got, info = grade(completion, example, fmt, MEDRLVR)
     assert (info.letter, info.format_ok, info.reason) == (letter, True, "")
     assert got == (1.0 if letter == example.answer else 0.0)
 
@@ -206,7 +206,7 @@ def test_clean_answers_stay_correct(completion, example, fmt, letter):
 @pytest.mark.parametrize("completion", [None, b"\\boxed{B}", 2, ["B"]])
 def test_non_text_is_bad_format(completion):
     for fmt in FORMATS:
-        got, info = score(completion, Q4, fmt, MEDRLVR)
+        got, info = grade(completion, Q4, fmt, MEDRLVR)
         assert (got, info.letter, info.format_ok, info.reason) == (-1.0, None, False, "not text")
 
 
@@ -214,7 +214,7 @@ def test_leak_check_is_linear_in_punctuation_runs():
     # Was 9-11 s (quadratic backtracking over the `*` run); linear now takes ~0.02 s. The bound is
     # loose on purpose: this guards against the quadratic blow-up, not a speed target.
     start = time.perf_counter()
-    got, info = score("*" * 400_000 + r"\boxed{B}", Q4, "boxed", MEDRLVR)
+    got, info = grade("*" * 400_000 + r"\boxed{B}", Q4, "boxed", MEDRLVR)
     assert time.perf_counter() - start < 1.0
     assert (got, info.letter, info.answer_leak, info.reasoning_chars) == (1.0, "B", False, 400_000)
 
@@ -251,17 +251,17 @@ def test_lenient_letter(text, example, letter):
 
 
 def test_reasoning_chars_and_info_type():
-    _, info = score("<think>  abc  </think><answer>B</answer>", Q4, TA, MEDRLVR)
+    _, info = grade("<think>  abc  </think><answer>B</answer>", Q4, TA, MEDRLVR)
     assert isinstance(info, RewardInfo) and info.reasoning_chars == 3
-    _, info = score(r"  xyz \boxed{B}", Q4, "boxed")
+    _, info = grade(r"  xyz \boxed{B}", Q4, "boxed")
     assert info.reasoning_chars == 3
-    _, info = score("  garbage  ", Q4, "boxed")  # bad format: the whole stripped completion
+    _, info = grade("  garbage  ", Q4, "boxed")  # bad format: the whole stripped completion
     assert info.reasoning_chars == 7 and not info.answer_leak
 
 
 def test_unknown_format_raises():
     with pytest.raises(ValueError, match="boxed"):
-        score(r"\boxed{B}", Q4, "xml")
+        grade(r"\boxed{B}", Q4, "xml")
 
 
 FRAGMENTS = st.sampled_from(["\\boxed{", "}", "{", "<think>", "</think>", "<answer>", "</answer>",
@@ -276,7 +276,7 @@ def test_never_raises(text):
     for example in (Q4, YNM, Q10):
         for fmt in FORMATS:
             for values in (ALPHAMED, MEDRLVR):
-                reward, info = score(text, example, fmt, values)
+                reward, info = grade(text, example, fmt, values)
                 assert reward in {values.correct, values.wrong, values.bad_format}
                 assert lenient_letter(text, example.options) in {None, *example.options}
                 if not info.format_ok:

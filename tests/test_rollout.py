@@ -253,7 +253,7 @@ def test_prompt_write_in_every_cache_layout():
 
 def test_admitted_slots_go_to_the_shortest_prompts_first():
     from types import SimpleNamespace
-    run = R._Run([[1] * 5, [2] * 2, [3] * 9], 2, SimpleNamespace(slots=6), seed=0,
+    run = R._Engine([[1] * 5, [2] * 2, [3] * 9], 2, SimpleNamespace(slots=6), seed=0,
                  prompt_offset=0, device="cpu")
     assert run.admit() == [(0, [0, 1], [2, 3], 1, None), (1, [0, 1], [0, 1], 0, None),
                            (2, [0, 1], [4, 5], 2, None)]
@@ -280,7 +280,7 @@ def test_free_slots_take_part_of_a_group():
     entry while it lives (its slot the source to copy from), and a prompt whose samples are all
     done gets a new entry."""
     from types import SimpleNamespace
-    run = R._Run([[1, 2], [3, 4]], 4, SimpleNamespace(slots=5), seed=0, prompt_offset=0,
+    run = R._Engine([[1, 2], [3, 4]], 4, SimpleNamespace(slots=5), seed=0, prompt_offset=0,
                  device="cpu")
     assert run.admit() == [(0, [0, 1, 2, 3], [0, 1, 2, 3], 0, None), (1, [0], [4], 1, None)]
     run.slot_of.update({s: (0, s) for s in range(4)} | {4: (1, 0)})
