@@ -177,9 +177,8 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
     if pre.parse_known_args(argv)[0].model == "tiny":  # before the real parse: --help shows them
         p.set_defaults(**tiny_defaults)
     args = p.parse_args(argv)
-    if args.micro_tokens is None:  # the device the run (or --plan) is for
-        device = args.plan_device or ("cuda" if torch.cuda.is_available() else "cpu")
-        args.micro_tokens = 16384 if device == "cuda" else 2048
+    if args.micro_tokens is None:
+        args.micro_tokens = default_micro_tokens(args)
     try:
         reward.RewardValues.parse(args.reward_values)
     except ValueError as e:
@@ -229,6 +228,12 @@ def parse_args(p: argparse.ArgumentParser, argv, tiny_defaults: dict):
     return args
 
 
+def default_micro_tokens(args) -> int:
+    """--micro-tokens when not given: by the device the run (or --plan) is for."""
+    device = args.plan_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return 16384 if device == "cuda" else 2048
+
+
 def say_changed(p: argparse.ArgumentParser, args, name: str):
     """Print (rank 0) the flags whose value is not this parser's default (with --model tiny: the
     demo's defaults), as on a command line: the run's choices, not 70 lines of defaults. Every
@@ -238,7 +243,10 @@ def say_changed(p: argparse.ArgumentParser, args, name: str):
     changed = []
     for action in p._actions:
         value = getattr(args, action.dest, None)
-        if action.dest == "help" or value == p.get_default(action.dest):
+        default = p.get_default(action.dest)
+        if action.dest == "micro_tokens" and default is None:
+            default = default_micro_tokens(args)
+        if action.dest == "help" or value == default:
             continue
         if isinstance(action, argparse.BooleanOptionalAction):  # --grad-ckpt / --no-grad-ckpt
             changed.append(action.option_strings[0 if value else 1])

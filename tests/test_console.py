@@ -135,3 +135,13 @@ def test_rows_have_a_time_and_samples_their_prompt(tmp_path):
     samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
     assert all(before - 1 <= s["time"] <= time.time() + 1 for s in samples)
     assert all("Question: Which" in s["prompt"] and "Options:" in s["prompt"] for s in samples)
+
+
+def test_a_default_resolved_by_device_is_not_a_change(capsys):
+    """--micro-tokens left unset takes the device's default (2048 on a CPU): not a changed flag."""
+    args = grpo.get_args(["--model", "some/model"])
+    printed = capsys.readouterr().out
+    assert args.micro_tokens == 2048 and "--micro-tokens" not in printed
+    assert printed.startswith("grpo --model some/model (every other flag at their defaults)")
+    grpo.get_args(["--model", "some/model", "--micro-tokens", "2048"])  # the default, given: the same run
+    assert "--micro-tokens" not in capsys.readouterr().out
