@@ -143,5 +143,5 @@ def test_a_default_resolved_by_device_is_not_a_change(capsys):
     printed = capsys.readouterr().out
     assert args.micro_tokens == 2048 and "--micro-tokens" not in printed
     assert printed.startswith("grpo --model some/model (every other flag at their defaults)")
-    grpo.get_args(["--model", "some/model", "--micro-tokens", "2048"])  # the default, given: the same run
+    grpo.get_args(["--model", "some/model", "--micro-tokens", "2048"])  # the default, given
     assert "--micro-tokens" not in capsys.readouterr().out
