@@ -50,7 +50,7 @@ not state G, lr, KL, clip, temperature or length. We use verl's defaults and GRP
 for lr 1e-6, KL in the loss with k3 ("low_var_kl") at 0.001, clip 0.2 and temperature 1.0; G = 8
 is TRL's default number of generations (verl's GRPO example scripts use 5); 2048 new tokens
 (ample for MCQA reasoning). Activation checkpointing is on (--no-grad-ckpt turns it off). Memory
-per phase for 8 x 80 GB: `--plan` (README, "Memory").
+per phase for 8 x 80 GB: `--plan` (bench/README.md, "Memory plan").
 """
 import time
 

@@ -50,7 +50,7 @@ MEDRLVR_DEFAULTS = dict(model="Qwen/Qwen2.5-3B", data="medqa_train", format="thi
 # `--model tiny` (the CPU demo): the tiny model answers with whole-answer tokens, so the demo keeps
 # the boxed format but Med-RLVR's -1 for a bad format and KL 0.01 in the reward. Its answers are 8
 # tokens at most, so lambda barely discounts (0.95^8 = 0.66) and the lower-variance advantages of
-# 0.95 learn this toy faster (bench/README.md has both curves).
+# 0.95 learn this toy faster (bench/README.md, "CPU demos": lambda 1 against 0.95).
 TINY_DEFAULTS = dict(flags.TINY_DEFAULTS, format="boxed", prompt_style="alphamed",
                      reward_values="1,0,-1", n=4, batch_prompts=32, mini_batches=2, steps=200,
                      critic_lr=1e-3, kl_coef=0.01, lam=0.95,

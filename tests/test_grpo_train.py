@@ -20,7 +20,7 @@ def weights(step_dir):
 
 def test_demo_learns(tmp_path):
     """Reward rises from near chance to >= 0.9 on the demo task with the demo defaults (150 of
-    its 200 steps: the README's run is at 0.96 by step 140)."""
+    its 200 steps: bench/README.md's run is at 0.98 by step 140)."""
     out = str(tmp_path / "demo")
     grpo.main(["--model", "tiny", "--out", out, "--save-every", "1000", "--steps", "150"])
     rows = metrics(out)
