@@ -237,6 +237,7 @@ def benchmark_questions(name, args):
 
 
 def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # --out is made by its first write
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -287,7 +288,6 @@ def main(argv=None):
                                               args.bootstrap, args.seed)
         if dist.main:  # each benchmark's results are on disk as soon as it is done
             results[name] = metrics
-            os.makedirs(args.out, exist_ok=True)
             write_jsonl(os.path.join(args.out, f"{name}.jsonl"), records)
             pass_rates += [dict(id=r["id"], n=args.n,
                                 correct=sum(s["correct"] for s in r["samples"])) for r in records]

@@ -113,12 +113,11 @@ class Run:
     def files(self) -> str:
         """What the run writes, on which of its --steps (so `--steps 2` never reads "every 50")."""
         args, steps = self.args, range(1, self.args.steps + 1)
-        saves = [s for s in steps
-                 if args.save_every and (s % args.save_every == 0 or s == args.steps)]
-        samples = [s for s in steps if args.samples_every and (s - 1) % args.samples_every == 0]
+        saves = [s for s in steps if falls_on(s, args.save_every, args.steps)]
+        samples = [s for s in steps if falls_on(s - 1, args.samples_every)]
         validation = ""
         if args.val_every and self.val:
-            vals = [s for s in steps if s % args.val_every == 0]
+            vals = [s for s in steps if falls_on(s, args.val_every)]
             validation = (f"; greedy accuracy on the {len(self.val)} held-out questions "
                           f"{when(vals, args.val_every)}")
         return (f"run_config.json (every flag), metrics.jsonl (a row per step{validation}), "
@@ -138,9 +137,8 @@ class Run:
         return M.resolve(name)
 
     def trainable(self, name: str, path: str, lr: float, value_head: bool = False) -> Trainable:
-        """A trained model (checkpointed with the run) loaded from `path`."""
-        if name != "policy":  # e.g. PPO's critic: it must read the policy's tokens
-            check_compatible(path, self.model_dir)
+        """A trained model (checkpointed with the run) loaded from `path` (PPO's --critic was
+        checked against the policy in __init__, before --out was made)."""
         self.trainables[name] = Trainable.load(name, path, lr, self.args, self.dist, value_head)
         return self.trainables[name]
 
@@ -203,16 +201,15 @@ class Run:
         """Validate, log and checkpoint as the flags say; rank 0 prints the step's line (every
         --log-every steps and the last) and each checkpoint saved, each on a line of its own."""
         args, done = self.args, step + 1
-        if args.val_every and done % args.val_every == 0 and self.val:
+        if falls_on(done, args.val_every) and self.val:
             metrics.update(validate(self))
-        show = completions[:2] if args.samples_every and step % args.samples_every == 0 else None
+        show = completions[:2] if falls_on(step, args.samples_every) else None
         self.logger.log(done, metrics, show)
         self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                              acc=f"{metrics['accuracy']:.3f}", len=f"{metrics['response_len']:.0f}")
-        if self.dist.main and args.log_every and (done % args.log_every == 0
-                                                  or done == args.steps):
+        if self.dist.main and falls_on(done, args.log_every, args.steps):
             say(step_line(done, args.steps, metrics, self.name))
-        if args.save_every and (done % args.save_every == 0 or done == args.steps):
+        if falls_on(done, args.save_every, args.steps):
             path = checkpoint.save(self, done)
             if self.dist.main:
                 say(f"saved {path}")
@@ -250,6 +247,12 @@ def say(text: str):
     """A whole line on stdout, above the progress bar when one is drawn: never glued onto it."""
     tqdm.write(text, file=sys.stdout)
     sys.stdout.flush()
+
+
+def falls_on(step: int, every: int, last: int | None = None) -> bool:
+    """Whether an every-N event (0: never) falls on `step`: its multiples, and the run's `last`
+    step when given. end_step acts on it; Run.files says in advance when it will."""
+    return every > 0 and (step % every == 0 or step == last)
 
 
 def when(steps: list[int], every: int) -> str:
