@@ -68,6 +68,8 @@ def parse_args(argv=None):
                         "decodes far slower, so try 256 (completions cut short show as trunc)")
     p.add_argument("--max-cache-tokens", type=int, default=262144,
                    help="KV-cache budget per rank, in tokens")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay each decode step from a CUDA graph; --no-cuda-graphs: eager")
     p.add_argument("--seed", type=int, default=0, help="sampling noise and bootstrap resamples")
     # metrics and output
     p.add_argument("--bootstrap", type=int, default=1000,
@@ -273,7 +275,8 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(model_dir)
     sampling = rollout.Sampling(n=args.n, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                max_cache_tokens=args.max_cache_tokens)
+                                max_cache_tokens=args.max_cache_tokens,
+                                cuda_graphs=args.cuda_graphs)
     generate_fn = generation_fn(model, tok, sampling, args.prompt_style, progress=dist.main)
     results, pass_rates = {}, []
     log(f"writing results to {args.out}")

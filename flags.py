@@ -84,8 +84,13 @@ def _rollout_flags(p):
         help="sampling temperature, also used in training log-probs")
     add("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
     add("--max-cache-tokens", type=int, default=262144,
-        help="KV-cache budget per rank, in tokens: it holds budget / (longest prompt + "
-             "--max-new-tokens) sequences at once (fewer: more decode rounds, the same samples)")
+        help="KV-cache budget per rank, in tokens: on a GPU a pool of blocks that sequences take "
+             "as they grow (when it runs out, the newest wait and resume); on a CPU it holds "
+             "budget / (longest prompt + --max-new-tokens) sequences at once (fewer: more "
+             "decode rounds, the same samples)")
+    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+        help="replay each decode step from a CUDA graph (per batch-size bucket); "
+             "--no-cuda-graphs: eager")
 
 
 def _objective_flags(p):

@@ -177,7 +177,7 @@ class Run:
         a = self.args
         return rollout.Sampling(n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                 top_p=a.top_p, seed=a.seed * 1_000_003 + step,
-                                max_cache_tokens=a.max_cache_tokens)
+                                max_cache_tokens=a.max_cache_tokens, cuda_graphs=a.cuda_graphs)
 
     def steps(self):
         """The step numbers still to run (from the checkpoint's with --resume), with a progress bar;
@@ -309,7 +309,8 @@ def validate(run: Run) -> dict:
     training prompt and format. Every rank gathers the weights, even one with no questions."""
     a = run.args
     greedy = rollout.Sampling(n=1, max_new_tokens=a.max_new_tokens, temperature=0.0,
-                              seed=a.seed, max_cache_tokens=a.max_cache_tokens)
+                              seed=a.seed, max_cache_tokens=a.max_cache_tokens,
+                              cuda_graphs=a.cuda_graphs)
     with Gathered(run.trainables["policy"].module) as m:
         generate_fn = evaluate.generation_fn(m, run.tokenizer, greedy, a.prompt_style,
                                              progress=False)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+import kvcache
 import model as M
+import rollout
 
 GB = 1e9
 
@@ -127,9 +129,15 @@ def plan(cfg: M.ModelConfig, args, world: int, cuda: bool, prompt_len: int,
     prompts = args.batch_prompts // world
     # a micro-batch never holds more than the step's tokens (but at least one whole sequence)
     micro = max(min(args.micro_tokens, prompts * args.n * seq_len), seq_len)
-    kv_tokens = min(args.max_cache_tokens, prompts * args.n * seq_len)
+    if cuda:  # the paged engine: a pool of blocks, up to 512 rows decoding at once
+        size = kvcache.block_size(kvcache.decode_kernel("cuda", dtype))
+        kv_tokens = size * kvcache.pool_blocks(args.max_cache_tokens, prompts * args.n, seq_len,
+                                               size)
+        slots = min(rollout.BUCKETS[-1], prompts * args.n)
+    else:  # decode_cpu.py: a slot per sequence decoding at once
+        kv_tokens = min(args.max_cache_tokens, prompts * args.n * seq_len)
+        slots = min(args.max_cache_tokens // seq_len, prompts * args.n)
     kv = kv_tokens * 2 * layers * cfg.num_key_value_heads * cfg.head_dim * infer
-    slots = min(args.max_cache_tokens // seq_len, prompts * args.n)
     rows = []
     for name, count in trained:
         rows.append((f"{name}: fp32 weights (shard)", 4 * count / world, 4 * count / world,

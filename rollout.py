@@ -1,29 +1,28 @@
-"""Batched KV-cache sampler: prefill once per prompt, decode all slots together, refill as they
-free.
+"""The sampler: generate(model, prompts, Sampling(n=...)) -> list[Sample], prompt-major (prompt
+i's n samples contiguous). Trainers and evaluate.py build a `Sampling` and pass it.
 
-generate(model, prompts, Sampling(n=...), ...) -> list[Sample], prompt-major (prompt i's n samples
-contiguous). `Sampling` holds the settings; trainers and evaluate.py build one and pass it.
+The engine, read top to bottom: a queue of waiting completions; `admit` takes as many as the KV
+cache has free blocks for and prefills their prompts (packed, no padding; a group's prompt once,
+its blocks shared by its samples); `step` decodes one token for every running completion; the
+host reads the step's tokens, log-probs and stop flags (its one read of the device) and
+`release`s the finished completions' blocks, which the next `admit` hands on (continuous
+batching). When a step needs more blocks than are free, the newest completions are preempted:
+their blocks freed, they wait again, and are prefilled with what they have sampled.
 
-- KV cache (kvcache.py): preallocated for a slot count set by a token budget
-  (`max_cache_tokens`); with n > 1 (and no flash-attn) a group's prompt is held once.
-- Prefill: the admitted prompts are packed (no padding) and run once each; every layer writes a
-  prompt's k/v into the cache once per prompt (flash-attn's layout: once per slot).
-- Decode: one token for every occupied slot per step, each at its own position. A finished slot is
-  refilled from the queue (continuous batching). Free slots always take the next waiting samples,
-  even part of a prompt's n. The rest come in later without a prefill while some of the prompt's
-  samples still decode: they read its entry, or copy its k/v from a sibling slot (a prompt in
-  each slot), and sample their first token from the logits kept from its prefill; else (all its
-  samples done) the prompt is prefilled again.
-  Slots and entries go to the shortest prompts first, so neighbours hold similar lengths and a
-  decode step's reads (kvcache.decode_segments) run little past a row's end.
+- KV cache: kvcache.BlockPool, fixed-size blocks from one pool of `max_cache_tokens` tokens.
+- Decode step (`Engine.decode`): its inputs (last tokens, positions, random-stream keys and
+  steps, block tables) are copied once from a pinned host buffer into a static device buffer;
+  rows are padded to a batch-size bucket (padded rows write to block 0 and are not read); the
+  forward, the sampling and the stop test run on the device into a static output buffer. On CUDA
+  each (bucket, width) is captured as a CUDA graph on first use and replayed
+  (`Sampling.cuda_graphs=False`: eager).
 - Sampling (sampling.py): temperature (0 = greedy), top-k, top-p; one uniform number per
-  (completion, step) from a counter-based hash of (seed, prompt index, sample index, step) picks
-  the token by inverse CDF: a completion is the same whatever the batch, slot count or cache
-  budget, with no per-row generator objects.
-- Host syncs: exactly one per decode step, `tolist()` of the sampled tokens and log-probs. Lengths
-  and positions are tracked on the host (they advance by one per step).
+  (completion, step) from a counter-based hash of (seed, prompt index, sample index, step): a
+  completion is the same whatever the batch, bucket, cache budget or preemption.
 - `Sample.logprobs` are log-probs of the sampled tokens under softmax(logits / temperature)
   (temperature 1 when greedy) before top-k/top-p filtering: the quantity the trainer recomputes.
+- The CPU runs another decode path, decode_cpu.py (a head-major cache read in segments: several
+  times faster there), behind the one switch CPU_DECODE; both share `Completions`.
 """
 import sys
 from dataclasses import dataclass
@@ -31,16 +30,24 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import decode_cpu
 import model as M
-from kvcache import KVCache, Decode, Prefill, decode_segments
-from sampling import completion_keys, sample_tokens, uniforms
+from kvcache import (BlockPool, PagedDecode, PagedPrefill, block_size, decode_kernel,
+                     pool_blocks)
+from sampling import completion_keys, sample_rows
+
+# Device types that run decode_cpu.py's path instead of the engine below
+CPU_DECODE = {"cpu"}
+# Batch-size buckets of a decode step (one CUDA graph each): the rows are padded to the next one
+BUCKETS = (1, 2, 4, 8) + tuple(range(16, 513, 16))
 
 
 @dataclass
 class Sampling:
     """How to sample: n completions per prompt of at most max_new_tokens tokens, at temperature
     (0 = greedy) with top-k / top-p filtering; `seed` keys the random streams; the KV cache holds
-    at most max_cache_tokens tokens (fewer concurrent sequences, the same samples)."""
+    at most max_cache_tokens tokens (fewer concurrent sequences, the same samples); on CUDA
+    decode steps replay CUDA graphs unless cuda_graphs is False."""
     n: int = 1
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -48,6 +55,7 @@ class Sampling:
     top_k: int = 0
     seed: int = 0
     max_cache_tokens: int = 2**18
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -89,109 +97,40 @@ def _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens):
         raise ValueError(f"stop ids {bad} are outside the vocabulary [0, {vocab})")
 
 
-class _Engine:
-    """Host-side bookkeeping for one generate() call."""
 
-    def __init__(self, prompts, n, cache: KVCache, seed: int, prompt_offset: int, device):
-        self.prompts, self.cache, self.device = prompts, cache, device
-        self.queue = [(p, list(range(n))) for p in range(len(prompts))]  # waiting, prompt order
-        self.slot_of = {}  # slot -> completion (prompt_idx, sample_idx)
-        self.free = list(range(cache.slots))
-        self.entry_of = {}  # slot -> the entry holding its prompt (a shared cache)
-        self.entry_rows = {}  # entry -> how many occupied slots read it
-        self.free_entries = list(range(cache.slots))
-        self.live = {}  # prompt -> its entry, while a slot reads it
-        self.first_logits = {}  # prompt -> the logits after it (V,), while its entry lives
-        self.tokens = {}  # completion -> response ids
-        self.logps = {}
+
+class Completions:
+    """Every completion's tokens, log-probs and finish reason as they come, and the progress bar,
+    whichever decode path runs them."""
+
+    def __init__(self, prompts, n: int, max_new_tokens: int, progress: bool):
+        self.prompts, self.max_new_tokens = prompts, max_new_tokens
+        self.tokens = {(p, j): [] for p in range(len(prompts)) for j in range(n)}
+        self.logps = {c: [] for c in self.tokens}
         self.done = {}  # completion -> finish reason
-        self.seed, self.prompt_offset = seed, prompt_offset
+        # Progress in tokens, so that the bar moves with every decode step (a long completion
+        # takes minutes on a CPU): the total is the most tokens the samples can take, less the
+        # budget a completion leaves unused when it stops. In a log file (stderr not a terminal)
+        # every redraw stays: there, at most one each 30 s.
+        self.bar = tqdm(total=len(self.tokens) * max_new_tokens, desc="generate", unit="tok",
+                        disable=not progress, leave=False,
+                        mininterval=0.1 if sys.stderr.isatty() else 30)
 
-    def admit(self):
-        """Take waiting completions, in order, into every free slot (part of a group if need be).
-        A prompt whose entry lives (some of its samples are decoding) gets more readers of it,
-        and a slot of theirs is the `source` to copy its prompt from (no prefill); any other gets
-        a new entry (source None: prefill it). Slots and new entries go to the shortest prompts
-        first (ties in order), so that neighbours hold similar lengths: decode reads little past
-        a row's end (kvcache.plan_segments). Returns (prompt_idx, sample indices, slots, entry,
-        source) tuples."""
-        batch, room = [], len(self.free)  # (prompt_idx, sample indices)
-        while self.queue and room:
-            p, samples = self.queue.pop(0)
-            batch.append((p, samples[:room]))
-            if len(samples) > room:
-                self.queue.insert(0, (p, samples[room:]))
-            room -= len(batch[-1][1])
-        slots = sorted(self.free[:len(self.free) - room])
-        self.free = self.free[len(self.free) - room:]
-        self.free_entries.sort()  # the lowest: entries in use stay adjacent
-        fresh = sum(p not in self.live for p, _ in batch)
-        entries, self.free_entries = self.free_entries[:fresh], self.free_entries[fresh:]
-        for i in sorted(range(len(batch)), key=lambda i: len(self.prompts[batch[i][0]])):
-            p, samples = batch[i]
-            entry, source = self.live.get(p), None
-            if entry is None:
-                entry = self.live[p] = entries.pop(0)
-            else:
-                source = next(s for s, e in self.entry_of.items() if e == entry)
-            batch[i] = (p, samples, slots[:len(samples)], entry, source)
-            self.entry_rows[entry] = self.entry_rows.get(entry, 0) + len(samples)
-            self.entry_of.update(dict.fromkeys(slots[:len(samples)], entry))
-            slots = slots[len(samples):]
-        return batch
+    def add(self, c, token: int, logp: float, stop: bool) -> bool:
+        """Record a sampled token; True when it ends the completion."""
+        self.tokens[c].append(token)
+        self.logps[c].append(logp)
+        if not stop and len(self.tokens[c]) < self.max_new_tokens:
+            return False
+        self.done[c] = "stop" if stop else "length"
+        self.bar.total -= self.max_new_tokens - len(self.tokens[c])
+        self.bar.set_postfix_str(f"{len(self.done)}/{len(self.tokens)} done", refresh=False)
+        return True
 
-    def release(self, slot: int):
-        """A finished slot is free, and its entry once no slot reads it."""
-        p = self.slot_of.pop(slot)[0]
-        self.free.append(slot)
-        entry = self.entry_of.pop(slot)
-        self.entry_rows[entry] -= 1
-        if not self.entry_rows[entry]:
-            del self.entry_rows[entry], self.live[p]
-            self.first_logits.pop(p)
-            self.free_entries.append(entry)
-
-    def kv_tokens(self, slots) -> int:
-        """Tokens of K/V a decode step of `slots` reads: every slot's sampled tokens, and each
-        entry in use once (shared cache) or each slot's prompt."""
-        sampled = sum(len(self.tokens[self.slot_of[s]]) for s in slots)
-        if not self.cache.shared:
-            return sampled + sum(len(self.prompts[self.slot_of[s][0]]) for s in slots)
-        entries = {self.entry_of[s]: self.slot_of[s][0] for s in slots}
-        return sampled + sum(len(self.prompts[p]) for p in entries.values())
-
-
-def _prefill(model, engine: _Engine, batch):
-    """One packed forward over the admitted prompts that need one (source None), their prompt
-    written into the cache; the others' prompt is in the cache already (their entry) or copied
-    from their source slot. Returns the new slots and each one's next-token logits (B, V)."""
-    fresh = [b for b in batch if b[4] is None]
-    runs, t0 = [], 0
-    for p, samples, slots, entry, source in batch:
-        for s, j in zip(slots, samples):
-            engine.slot_of[s] = (p, j)
-            engine.tokens[(p, j)], engine.logps[(p, j)] = [], []
-        if source is not None:
-            if not engine.cache.shared:  # the prompt in each slot
-                engine.cache.copy_prompt(source, slots, len(engine.prompts[p]))
-            continue
-        t1 = t0 + len(engine.prompts[p])
-        if engine.cache.shared:  # the prompt once, in its entry
-            runs.append((entry, entry + 1, t0, t1))
-        for s in () if engine.cache.shared else slots:  # the prompt in each slot
-            if runs and runs[-1][1] == s and runs[-1][2] == t0:  # the run goes on
-                runs[-1] = (runs[-1][0], s + 1, t0, t1)
-            else:
-                runs.append((s, s + 1, t0, t1))
-        t0 = t1
-    if fresh:
-        ids, pos, cu, max_seqlen = M.pack([engine.prompts[b[0]] for b in fresh], engine.device)
-        writes = Prefill(engine.cache, cu, max_seqlen, runs)
-        logits = model(ids, pos, cu, max_seqlen, attention=writes, select=cu[1:].long() - 1)
-        # (V,) each, copied: a view would keep the whole batch's logits while one prompt lives
-        engine.first_logits.update({b[0]: row.clone() for b, row in zip(fresh, logits)})
-    new_slots = [s for b in batch for s in b[2]]
-    return new_slots, torch.stack([engine.first_logits[b[0]] for b in batch for _ in b[2]])
+    def samples(self) -> list[Sample]:
+        self.bar.close()
+        return [Sample(p, j, list(self.prompts[p]), self.tokens[(p, j)], self.logps[(p, j)],
+                       self.done[(p, j)]) for p, j in self.tokens]
 
 
 @torch.no_grad()
@@ -200,107 +139,213 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
     """Sample sampling.n completions per prompt; see the module docstring. Random streams are
     keyed by prompt_offset + prompt index, so a caller holding a slice of a larger batch (one rank
     of several) draws exactly what a single caller with the whole batch would."""
-    n, max_new_tokens = sampling.n, sampling.max_new_tokens
     vocab = model.config.vocab_size
     stop_ids = sorted(set(stop_ids_for(model) if stop_ids is None else stop_ids))
-    _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens)
-    prompt_len = max(len(p) for p in prompts)
-    max_len = prompt_len + max_new_tokens
-    slots = min(sampling.max_cache_tokens // max_len, n * len(prompts))
-    if slots < 1:
-        raise ValueError(f"max_cache_tokens={sampling.max_cache_tokens} cannot hold one sequence "
-                         f"of {max_len} tokens (longest prompt + max_new_tokens)")
-    embed = model.model.embed_tokens.weight
-    device, dtype = embed.device, embed.dtype
-    # The cache layout follows the attention backend, decided once: flash-attn's where
-    # model.use_flash picks it (the dtype and device of every q), else head-major, with a group's
-    # prompt held once when there are groups (n > 1; for n = 1, one read per slot costs less).
-    cache = KVCache(model.config, slots, prompt_len, max_new_tokens, device, dtype,
-                    flash=M.use_flash(embed), shared=n > 1)
-    engine = _Engine(prompts, n, cache, sampling.seed, prompt_offset, device)
-    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    last = {}  # slot -> last sampled token, fed back next step
-    # Progress in tokens, so that the bar moves with every decode step (a long completion takes
-    # minutes on a CPU): the total is the most tokens the samples can take, less the budget a
-    # completion leaves unused when it stops. In a log file (stderr not a terminal) every redraw
-    # stays: there, at most one each 30 s.
-    bar = tqdm(total=n * len(prompts) * max_new_tokens, desc="generate", unit="tok",
-               disable=not progress, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)
-    slots_now, logits = [], None
+    _check_inputs(prompts, sampling.n, stop_ids, vocab, sampling.max_new_tokens)
+    book = Completions(prompts, sampling.n, sampling.max_new_tokens, progress)
+    if model.model.embed_tokens.weight.device.type in CPU_DECODE:
+        decode_cpu.generate(model, prompts, sampling, stop_ids, prompt_offset, book)
+        return book.samples()
+    engine = Engine(model, prompts, sampling, stop_ids, prompt_offset, book)
     while True:
-        batch = engine.admit()
-        if batch:
-            new_slots, new_logits = _prefill(model, engine, batch)
-            slots_now, logits = slots_now + new_slots, (new_logits if logits is None else
-                                                        torch.cat([logits, new_logits]))
-        if not slots_now:
+        engine.admit()
+        if not engine.rows:
             break
-        finished = _sample_step(engine, slots_now, logits, stops, last, sampling)
-        if finished:  # no redraw of its own: the update below draws at most each mininterval
-            unused = [max_new_tokens - len(engine.tokens[engine.slot_of[s]]) for s in finished]
-            bar.total -= sum(unused)
-            bar.set_postfix_str(f"{len(engine.done)}/{n * len(prompts)} done", refresh=False)
-        bar.update(len(slots_now))  # a token for every slot
-        for s in finished:
-            engine.release(s)
-            del last[s]
-        slots_now = sorted(engine.slot_of)
-        if slots_now:
-            logits = _decode(model, engine, slots_now, last)
+        rows, out = engine.step()
+        for row, (token, logp, stop) in zip(rows, out.tolist()):  # the step's one read
+            if book.add(row.completion, int(token), logp, bool(stop)):
+                engine.release(row)
+            else:
+                row.last = int(token)
+        book.bar.update(len(rows))  # a token for every row
+    del engine  # the cache and the graphs are freed here
+    return book.samples()
+
+
+@dataclass
+class Entry:
+    """A context in the cache (a prompt, or a preempted completion's prompt and tokens): its
+    blocks, the logits after it, and how many rows read it."""
+    blocks: list[int]
+    length: int
+    logits: torch.Tensor | None = None
+    readers: int = 0
+
+
+@dataclass
+class Row:
+    """A running completion: its blocks (the entry's full blocks shared, then its own), the tokens
+    cached, and the token it feeds next (None before its first, sampled from the entry's logits)."""
+    completion: tuple[int, int]
+    key: object  # its entry's
+    table: list[int]
+    length: int
+    stream: int  # its random stream's key
+    last: int | None = None
+
+
+class Engine:
+    """The paged engine of one generate() call: queue, admit, prefill, step, release."""
+
+    def __init__(self, model, prompts, sampling: Sampling, stop_ids, prompt_offset, book):
+        embed = model.model.embed_tokens.weight
+        self.model, self.prompts, self.sampling, self.book = model, prompts, sampling, book
+        self.device = device = embed.device
+        self.kernel = decode_kernel(device.type, embed.dtype)
+        bs = block_size(self.kernel)
+        longest = max(map(len, prompts)) + sampling.max_new_tokens
+        self.width = -(-longest // bs)  # blocks of the longest sequence
+        if sampling.max_cache_tokens // bs - 1 < self.width:  # (block 0: padding rows')
+            raise ValueError(f"max_cache_tokens={sampling.max_cache_tokens} cannot hold one "
+                             f"sequence of {longest} tokens (longest prompt + max_new_tokens) "
+                             f"in blocks of {bs}, besides one block for padding")
+        blocks = pool_blocks(sampling.max_cache_tokens, len(book.tokens), longest, bs)
+        self.pool = BlockPool(model.config, blocks, bs, device, embed.dtype)
+        self.queue = [(p, list(range(sampling.n))) for p in range(len(prompts))]
+        self.rows: list[Row] = []  # running, in the order admitted
+        self.entries: dict[object, Entry] = {}  # prompt index (or a preempted completion) -> entry
+        self.offset, self.preempted = prompt_offset, 0
+        self.most = min(BUCKETS[-1], len(self.book.tokens))  # rows decoding at once
+        cuda = device.type == "cuda"
+        # The decode step's inputs, a row each: last token, position, stream key, step, blocks
+        self.host = torch.zeros(self.most, 4 + self.width, dtype=torch.long, pin_memory=cuda)
+        self.inputs = torch.zeros_like(self.host, device=device)
+        self.out = torch.zeros(self.most, 3, dtype=torch.float64, device=device)
+        self.stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        self.graphs = {} if cuda and sampling.cuda_graphs else None
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
+
+    def growing(self) -> int:
+        """Blocks the next decode step takes: one for each decoding row whose blocks are full."""
+        return sum(r.last is not None and r.length == len(r.table) * self.pool.block_size
+                   for r in self.rows)
+
+    def admit(self):
+        """Waiting completions, in order, while the free blocks (less those the running rows take
+        this step) hold their context: a new entry's blocks, or, reading a live entry, a copy of
+        its last, partly filled block. New entries are prefilled in one packed forward."""
+        pool, bs = self.pool, self.pool.block_size
+        room, fresh, copies = len(pool.free) - self.growing(), [], []
+        while self.queue and len(self.rows) < self.most:
+            p, samples = self.queue[0]
+            c = (p, samples[0])
+            key = c if self.book.tokens[c] else p  # a preempted completion: an entry of its own
+            entry = self.entries.get(key)
+            length = len(self.prompts[p]) + len(self.book.tokens[c])
+            full, part = divmod(length, bs)
+            need = full + (part > 0) if entry is None else int(part > 0)
+            if need > room:
+                break
+            room -= need
+            samples.pop(0)
+            if not samples:
+                self.queue.pop(0)
+            if entry is None:  # its first reader takes its blocks, the last one included
+                entry = self.entries[key] = Entry(pool.take(need), length)
+                fresh.append((key, entry, self.prompts[p] + self.book.tokens[c]))
+                table = list(entry.blocks)
+            else:  # the full blocks shared, the last one copied (the row writes into it)
+                table = entry.blocks[:full] + pool.take(int(part > 0))
+                copies += [(entry.blocks[-1], table[-1])] if part else []
+            pool.hold(table[:len(entry.blocks)] if entry.readers == 0 else table[:full])
+            entry.readers += 1
+            stream = completion_keys(self.sampling.seed, torch.tensor([p + self.offset]),
+                                     torch.tensor([c[1]]))
+            self.rows.append(Row(c, key, table, length, int(stream)))
+        if fresh:
+            self.prefill(fresh)
+        if copies:
+            pool.copy(*zip(*copies))
+
+    def prefill(self, fresh):
+        """One packed forward over the new entries' contexts, their k/v written to their blocks;
+        each keeps the logits after it (its readers' first tokens)."""
+        ids, pos, cu, max_seqlen = M.pack([ctx for _, _, ctx in fresh], self.device)
+        slots = [s for _, e, _ in fresh for s in self.pool.slots(e.blocks, 0, e.length)]
+        writes = PagedPrefill(self.pool, torch.tensor(slots, device=self.device), cu, max_seqlen)
+        logits = self.model(ids, pos, cu, max_seqlen, attention=writes, select=cu[1:].long() - 1)
+        for (_, entry, _), row in zip(fresh, logits):
+            entry.logits = row.clone()  # (a view would keep the whole batch's logits)
+
+    def step(self):
+        """One token for every running row: the decode step for those with a last token, the
+        entry's logits sampled for the new ones. Returns the rows and (rows, 3) float64 on the
+        device: token, log-prob, stop flag."""
+        while self.growing() > len(self.pool.free):  # preempt the newest running row
+            victim = max((r for r in self.rows if r.last is not None), key=self.rows.index)
+            self.release(victim)
+            self.queue.insert(0, (victim.completion[0], [victim.completion[1]]))
+            self.preempted += 1
+        running = [r for r in self.rows if r.last is not None]
+        new = [r for r in self.rows if r.last is None]
+        parts = [self.decode(running)] if running else []
+        if new:
+            logits = torch.stack([self.entries[r.key].logits for r in new])
+            keys, steps = (torch.tensor(x, device=self.device) for x in
+                           ([r.stream for r in new], [len(self.book.tokens[r.completion])
+                                                      for r in new]))
+            parts.append(self.sample(logits, keys, steps))
+        self.rows = running + new  # (the order read)
+        return list(self.rows), torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def sample(self, logits, keys, steps):
+        s = self.sampling
+        return sample_rows(logits, keys, steps, s.temperature, s.top_k, s.top_p, self.stops)
+
+    def decode(self, rows: list[Row]):
+        """The rows' inputs into the static buffers (padded to the bucket), then the decode step,
+        replayed from its CUDA graph where there is one. Returns its outputs (rows, 3)."""
+        bs = self.pool.block_size
+        for r in rows:
+            if r.length == len(r.table) * bs:
+                r.table += self.pool.take(1)
+        b = next(size for size in BUCKETS if size >= len(rows))
+        width = self.width  # the paged kernels read a row's blocks only up to its length
+        if self.kernel == "gather":  # it reads all `width` blocks: as few as the rows need
+            need = max(len(r.table) for r in rows)
+            width = min(self.width, 1 << (need - 1).bit_length())
+        host = [[r.last, r.length, r.stream, len(self.book.tokens[r.completion])] + r.table
+                + [0] * (self.width - len(r.table)) for r in rows]
+        self.host[:len(rows)] = torch.tensor(host)
+        self.host[len(rows):b] = 0  # padding rows: position 0 of block 0
+        self.inputs[:b].copy_(self.host[:b], non_blocking=True)
+        for r in rows:
+            r.length += 1
+        if self.graphs is None:
+            self.decode_step(b, width)
         else:
-            logits = None
-    bar.close()
-    del engine.cache  # the only reference: the cache memory is freed here
-    return [Sample(p, j, list(prompts[p]), engine.tokens[(p, j)], engine.logps[(p, j)],
-                   engine.done[(p, j)]) for p in range(len(prompts)) for j in range(n)]
+            self.replay(b, width)
+        return self.out[:len(rows)]
 
+    def decode_step(self, b: int, width: int):
+        """The step itself, on the static buffers only (what a CUDA graph captures): the forward
+        of rows [0, b), their next tokens sampled into self.out."""
+        x = self.inputs[:b]
+        ids, positions, keys, steps, table = x[:, 0], x[:, 1], x[:, 2], x[:, 3], x[:, 4:4 + width]
+        attention = PagedDecode.build(self.pool, self.kernel, table, positions)
+        logits = self.model(ids, positions, attention=attention)
+        self.out[:b] = self.sample(logits, keys, steps)
 
-def _sample_step(engine: _Engine, slots, logits, stops, last, sampling: Sampling):
-    """Sample the next token of every slot in `slots` (rows of `logits`); return finished slots."""
-    comps = [engine.slot_of[s] for s in slots]
-    pidx = torch.tensor([c[0] for c in comps], device=engine.device)
-    sidx = torch.tensor([c[1] for c in comps], device=engine.device)
-    steps = torch.tensor([len(engine.tokens[c]) for c in comps], device=engine.device)
-    u = uniforms(completion_keys(engine.seed, pidx + engine.prompt_offset, sidx), steps)
-    tokens, logps = sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, u)
-    is_stop = torch.isin(tokens, stops)
-    # The one host sync of the step: the tokens decide which slots are done.
-    tokens, logps, is_stop = tokens.tolist(), logps.tolist(), is_stop.tolist()
-    finished = []
-    for s, c, t, lp, stop in zip(slots, comps, tokens, logps, is_stop):
-        engine.tokens[c].append(t)
-        engine.logps[c].append(lp)
-        last[s] = t
-        if stop or len(engine.tokens[c]) >= sampling.max_new_tokens:
-            engine.done[c] = "stop" if stop else "length"
-            finished.append(s)
-    return finished
+    def replay(self, b: int, width: int):
+        graph = self.graphs.get((b, width))
+        if graph is None:  # warm up on a side stream (this step, for real), then capture
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.decode_step(b, width)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = self.graphs[(b, width)] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                self.decode_step(b, width)
+        graph.replay()
 
-
-def _decode(model, engine: _Engine, slots, last):
-    """One decode step for the occupied slots: logits (B, V) for their next tokens."""
-    dev, cache = engine.device, engine.cache
-    comps = [engine.slot_of[s] for s in slots]
-    # Sampled tokens already cached: all but the last, which this step feeds in.
-    host_new = [len(engine.tokens[c]) - 1 for c in comps]
-    host_lens = [len(engine.prompts[p]) + t for (p, _), t in zip(comps, host_new)]  # positions
-    rows = torch.tensor(slots, dtype=torch.int32, device=dev)
-    lens = torch.tensor(host_lens, dtype=torch.int32, device=dev)
-    ids = torch.tensor([last[s] for s in slots], device=dev)
-    if cache.flash:
-        return model(ids, lens.long(), attention=Decode(cache, rows, lens))  # (B, V)
-    at = host_new if cache.shared else host_lens  # where the new k/v go in the slot
-    b = len(slots)
-    # its own slot: the row's cached tokens and its new one
-    own = decode_segments(slots, [[i] for i in range(b)], [n + 1 for n in at], cache, dev)
-    prompts = None
-    if cache.shared:
-        rows_of = {}  # entry -> batch rows reading it
-        for i, s in enumerate(slots):
-            rows_of.setdefault(engine.entry_of[s], []).append(i)
-        entries = sorted(rows_of)
-        keys = [len(engine.prompts[comps[rows_of[e][0]][0]]) for e in entries]
-        prompts = decode_segments(entries, [rows_of[e] for e in entries], keys, cache, dev)
-    new = torch.tensor(at, dtype=torch.int32, device=dev)
-    return model(ids, lens.long(), attention=Decode(cache, rows, lens, new, own, prompts))
-
+    def release(self, row: Row):
+        """A finished (or preempted) row's blocks back to the pool, and its entry's once no row
+        reads it."""
+        self.rows.remove(row)
+        self.pool.drop(row.table)
+        entry = self.entries[row.key]
+        entry.readers -= 1
+        if not entry.readers:
+            self.pool.drop(entry.blocks)
+            del self.entries[row.key]

@@ -4,6 +4,7 @@ per decode step on the logits of every live row.
 - Random streams: one uniform number per (completion, step) from a counter-based hash of (seed,
   prompt index, sample index, step) (`completion_keys`, `uniforms`): a completion's tokens are
   the same whatever the batch, slot count or cache budget, with no per-row generator objects.
+- `sample_rows`: a decode step's tokens, log-probs and stop flags in one tensor (one read).
 - `sample_tokens`: temperature (0 = greedy), top-k and top-p (`filter_logits`), then the token by
   inverse CDF (`inverse_cdf`: float64 sums without a float64 (B, V) cumsum). The log-prob it
   returns is the sampled token's under softmax(logits / temperature) (temperature 1 when
@@ -68,6 +69,15 @@ def sample_tokens(logits, temperature: float, top_k: int, top_p: float, u: torch
         weights = weights.masked_fill_(filter_logits(scaled, top_k, top_p) == float("-inf"), 0)
     tokens = inverse_cdf(weights, u)
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
+
+
+def sample_rows(logits, keys, steps, temperature: float, top_k: int, top_p: float, stops):
+    """One decode step's sampling, all on the device: each row's token from its stream `keys`
+    (B,) at `steps` (B,), its log-prob, and whether it is one of `stops` (S,), as (B, 3) float64
+    (token ids are exact in float64): what the host reads, once."""
+    tokens, logps = sample_tokens(logits, temperature, top_k, top_p, uniforms(keys, steps))
+    stop = (tokens[:, None] == stops).any(-1)
+    return torch.stack([tokens.double(), logps.double(), stop.double()], -1)
 
 
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:

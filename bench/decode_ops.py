@@ -2,23 +2,24 @@
 
     OMP_NUM_THREADS=1 python bench/decode_ops.py [--verbose]
 
-A decode step is rollout._decode (the forward of one new token per row) and the sampling of the
-next tokens (rollout._sample_step) after it. Counted in it:
+A decode step is the paged engine's (rollout.Engine.step: the forward of one new token per row,
+the sampling of the next tokens, and the host's read of them), run on the CPU. Counted in it:
 - kernels: every aten op that launches work on a GPU (views and other metadata-only ops are not),
-  with flash-attn's decode kernel (tests/flash_attn_double.py standing in) as one;
+  with the attention kernel (flash-attn's or torch's, their doubles standing in) as one;
 - host syncs: whatever makes the host wait for the GPU: reading device memory (.tolist(), .item(),
   bool(), .cpu()), a copy from host memory made while building a tensor on the device
   (torch.tensor(..., device=...)), and ops whose output size depends on device values (nonzero,
   masked_select, repeat_interleave without output_size, unique).
-Per layer and fixed counts come from the same step at two depths (2 and 4 layers), each layout
-the CUDA path can take: flash-attn's (when it imports), and head-major (without it: the H200 test
-machine's case). Each prints one line `decode step: N kernels (P per layer + F fixed), S host
-syncs`. Launches cost the host ~5-8 us each on a GPU, so N per step bounds eager decode from
-below; a sync stalls the host until the GPU has caught up.
+Per layer and fixed counts come from the same step at two depths (2 and 4 layers), for each
+attention kernel the CUDA path can take (kvcache.decode_kernel). Each prints one line `decode
+step: N kernels (P per layer + F fixed), S host syncs`, N at 32 layers. Launches cost the host
+~5-8 us each on a GPU, so N per step bounds eager decode from below (a CUDA graph replays them
+with one launch); a sync stalls the host until the GPU has caught up.
 """
 import argparse
 import collections
 import contextlib
+import functools
 import os
 import sys
 
@@ -128,58 +129,69 @@ def build(layers: int) -> M.CausalLM:
     return model.eval()
 
 
-def count_step(layers: int, flash: bool) -> Counter:
-    """Kernels and syncs of decode step STEP of a sampler run: 8 prompts x 4 samples."""
+KERNELS = {"flash-attn": "flash-attn installed",
+           "varlen": "torch >= 2.12, no flash-attn",
+           "gather": "torch <= 2.11, no flash-attn: the H200 test machine's"}
+
+
+def count_step(layers: int, kernel: str) -> Counter:
+    """Kernels and syncs of decode step STEP of a sampler run (8 prompts x 4 samples) through
+    the paged engine with this attention `kernel` (kvcache.decode_kernel), eager: from the step
+    (rollout.Engine.step) to the next admit, the host's read of its results included."""
     import flash_attn_double
+    import varlen_attn_double
     model = build(layers)
     counter = Counter()
-    calls = collections.Counter()
-    real_decode, real_sample, real_attn = (R._decode, R._sample_step,
-                                           flash_attn_double.flash_attn_with_kvcache)
+    steps = collections.Counter()
+    real_step, real_admit = R.Engine.step, R.Engine.admit
+    real_attn = flash_attn_double.flash_attn_with_kvcache, varlen_attn_double.varlen_attn
 
-    def decode(*args):
-        calls["decode"] += 1
-        counter.on = calls["decode"] == STEP
-        return real_decode(*args)
+    def step(self):
+        steps["step"] += 1
+        counter.on = steps["step"] == STEP
+        return real_step(self)
 
-    def sample_step(*args):
-        calls["sample"] += 1  # the sampling after decode step k is the (k + 1)-th
-        counter.on = calls["sample"] == STEP + 1
-        try:
-            return real_sample(*args)
-        finally:
-            counter.on = False
+    def admit(self):
+        counter.on = False
+        return real_admit(self)
 
-    def attention(*args, **kwargs):
-        with counter.one_kernel("flash_attn_with_kvcache"):
-            return real_attn(*args, **kwargs)
+    def fused(name, real):
+        @functools.wraps(real)  # (its signature read by model.torch_varlen)
+        def attention(*args, **kwargs):
+            with counter.one_kernel(name):
+                return real(*args, **kwargs)
+        return attention
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist()
                for n in torch.randint(5, 40, (8,), generator=g)]
-    R._decode, R._sample_step = decode, sample_step
-    flash_attn_double.flash_attn_with_kvcache = attention
-    real_flash, M.FLASH = M.FLASH, (flash_attn_double if flash else None)
+    saved = R.Engine.step, R.Engine.admit, R.CPU_DECODE, M.FLASH, M.VARLEN
+    R.Engine.step, R.Engine.admit, R.CPU_DECODE = step, admit, set()
+    flash_attn_double.flash_attn_with_kvcache = fused("flash_attn_with_kvcache", real_attn[0])
+    varlen_attn_double.varlen_attn = fused("varlen_attn", real_attn[1])
+    M.FLASH = flash_attn_double if kernel == "flash-attn" else None
+    M.VARLEN = varlen_attn_double if kernel == "varlen" else None
     try:
         with counter, host_syncs(counter):
             R.generate(model, prompts, R.Sampling(n=4, max_new_tokens=STEP + 3, seed=0),
                        stop_ids=[], progress=False)
     finally:
-        R._decode, R._sample_step, M.FLASH = real_decode, real_sample, real_flash
-        flash_attn_double.flash_attn_with_kvcache = real_attn
+        R.Engine.step, R.Engine.admit, R.CPU_DECODE, M.FLASH, M.VARLEN = saved
+        flash_attn_double.flash_attn_with_kvcache, varlen_attn_double.varlen_attn = real_attn
     return counter
 
 
-def report(name: str, flash: bool, verbose: bool):
-    two, four = count_step(2, flash), count_step(4, flash)
+def report(kernel: str, verbose: bool):
+    two, four = count_step(2, kernel), count_step(4, kernel)
     n2, n4 = sum(two.kernels.values()), sum(four.kernels.values())
     per_layer = (n4 - n2) // 2
+    fixed = n2 - 2 * per_layer
     syncs = sum(four.syncs.values())
-    print(f"{name}: decode step: {n4} kernels at 4 layers ({per_layer} per layer + "
-          f"{n2 - 2 * per_layer} fixed), {syncs} host syncs; at 32 layers "
-          f"{n2 - 2 * per_layer + 32 * per_layer} kernels")
+    print(f"{kernel} ({KERNELS[kernel]}): decode step: {fixed + 32 * per_layer} kernels "
+          f"({per_layer} per layer + {fixed} fixed), {syncs} host syncs (32 layers, as 8B)")
     if verbose:
         layer_ops = four.kernels - two.kernels
         print("  per layer (x2 layers):", dict(sorted(layer_ops.items(), key=lambda kv: -kv[1])))
+        print("  fixed:", dict(sorted((two.kernels - layer_ops).items(), key=lambda kv: -kv[1])))
         print("  syncs:", dict(four.syncs))
 
 
@@ -189,9 +201,10 @@ def main():
     p.add_argument("--verbose", action="store_true", help="the ops per layer and the syncs")
     args = p.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}; rows: 8 prompts x 4 samples; decode step {STEP}")
-    report("flash-attn layout (flash-attn installed)", True, args.verbose)
-    report("head-major layout (no flash-attn)", False, args.verbose)
+    print(f"torch {torch.__version__}; rows: 8 prompts x 4 samples; decode step {STEP}, eager "
+          f"(a CUDA graph replays the same kernels with one launch)")
+    for kernel in KERNELS:
+        report(kernel, args.verbose)
 
 
 if __name__ == "__main__":

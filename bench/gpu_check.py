@@ -39,9 +39,10 @@ it says otherwise):
     from (torch.cuda.set_sync_debug_mode). CPU: skipped (the counting runs, with no mode to set);
  7. grpo: --grpo-steps GRPO steps of the 1B shape on the demo task through grpo.main (the process
     group of stage 5 reused), each phase's time and peak memory against memory.plan;
- 8. throughput: sampling at --batch prompts x --new-tokens tokens, medrl against transformers in
-    the same run, medrl's decode steps against the bandwidth roofline (weight + KV bytes read per
-    step over a measured device copy) and the share its attention over the cache takes.
+ 8. throughput: sampling --rows prompts at once (64 and 256) x --new-tokens tokens through the
+    paged engine, CUDA graphs on and off, against transformers `generate` in the same run; the
+    decode steps against the bandwidth roofline (weight + KV bytes read per step over a measured
+    device copy) and the share its attention over the cache takes. CPU: the paged engine too.
 """
 import argparse
 import contextlib
@@ -880,7 +881,7 @@ def decode_syncs(check: Check, out: dict):
           f"({out['per_step_in_steps']:.1f} inside the step functions)", flush=True)
 
 
-STEP_FUNCTIONS = ("_prefill", "_decode", "_sample_step")  # rollout.py's parts of a step
+STEP_FUNCTIONS = ("prefill", "decode", "step")  # rollout.Engine's parts of a step (innermost)
 
 
 def sync_sites(fn, debug: bool = True) -> list[tuple[str, str]]:
@@ -1001,89 +1002,125 @@ def planned(ckpt, args, cuda: bool) -> dict:
 # ----------------------------------------------------------------------------- 8. throughput
 
 def throughput_stage(check: Check, out: dict):
-    """Sampling speed at each shape, medrl against transformers and against the roofline."""
+    """Sampling speed at each shape and --rows concurrent sequences, through the paged engine
+    with CUDA graphs and eager: medrl against transformers and against the roofline."""
     for shape in check.shapes:
         attempt(out, shape, throughput_of_shape, shape, check)
         free_memory(check.device)
     rows = []
     for shape in check.shapes:
-        t = out[shape]
-        rows.append([shape, t.get("medrl_tok_s"), t.get("transformers_tok_s"), t.get("ratio"),
-                     t.get("decode_step_ms"), t.get("decode_roofline_fraction"),
-                     t.get("attention_fraction")])
-    table(["shape", "medrl tok/s", "hf tok/s", "ratio", "step ms", "roofline", "attention"], rows)
+        for t in out[shape].values() if isinstance(out[shape], dict) else ():
+            if isinstance(t, dict) and "rows" in t:
+                rows.append([shape, t["rows"], t.get("medrl_tok_s"), t.get("eager_tok_s"),
+                             t.get("transformers_tok_s"), t.get("ratio"), t.get("decode_step_ms"),
+                             t.get("eager_step_ms"), t.get("decode_roofline_fraction"),
+                             t.get("attention_fraction")])
+    table(["shape", "rows", "graphs tok/s", "eager tok/s", "hf tok/s", "ratio", "step ms",
+           "eager ms", "roofline", "attention"], rows)
 
 
 def throughput_of_shape(shape: str, check: Check) -> dict:
     ours, hf, cfg = random_pair(shape, check.device, check.dtype)
-    return throughput(ours, hf, cfg, check.device, check.args.batch, check.args.new_tokens)
+    out = dict(decode_kernel=kvcache.decode_kernel(check.device.type, check.dtype))
+    for rows in check.args.rows:
+        out[f"rows_{rows}"] = {}
+        attempt(out, f"rows_{rows}", throughput, ours, hf, cfg, check.device, rows,
+                check.args.new_tokens)
+    return out
 
 
-def throughput(ours, hf, cfg, device, batch: int, new_tokens: int) -> dict:
-    """Sampling throughput, medrl vs transformers, and medrl's decode steps vs the roofline."""
-    prompts = random_prompts(batch, cfg.vocab_size, 64, 256, seed=3)
-    sampling = R.Sampling(max_new_tokens=new_tokens, temperature=1.0)
-    R.generate(ours, prompts[:2], R.Sampling(max_new_tokens=4), stop_ids=[], progress=False)
-    # medrl twice, alternating with the same decode steps (exactly new_tokens each, so the same
-    # rows) with attention over the cache skipped ("bare"): the difference is what attention costs
-    # a step, without per-layer syncs. The faster run of each is kept.
-    runs = {contextlib.nullcontext: [], no_attention: []}  # (seconds, DecodeProbe) each
-    for _ in range(2):
-        for variant, runs_of in runs.items():
-            with DecodeProbe() as probe, variant():
-                sync(device)
-                t = time.perf_counter()
-                R.generate(ours, prompts, sampling, stop_ids=[], progress=False)
-                sync(device)
-                runs_of.append((time.perf_counter() - t, probe))
-    (medrl_s, decode), (_, bare) = (min(r, key=lambda run: run[0]) for r in runs.values())
+def throughput(ours, hf, cfg, device, rows: int, new_tokens: int) -> dict:
+    """Sampling throughput of `rows` prompts sampled at once, medrl (the paged engine, CUDA
+    graphs on and off) vs transformers, and medrl's decode steps vs the roofline."""
+    prompts = random_prompts(rows, cfg.vocab_size, 64, 256, seed=3)
+    # medrl twice per setting, alternating with the same decode steps (exactly new_tokens each, so
+    # the same rows) with attention over the cache skipped ("bare"): the difference is what
+    # attention costs a step. The faster run of each is kept; a step's time is the median step's
+    # (the first step of a bucket captures its graph).
+    result = dict(rows=rows, new_tokens=new_tokens)
+    with paged_engine():
+        R.generate(ours, prompts[:2], R.Sampling(max_new_tokens=4), stop_ids=[], progress=False)
+        for graphs in (True, False):
+            sampling = R.Sampling(max_new_tokens=new_tokens, temperature=1.0, cuda_graphs=graphs)
+            runs = {contextlib.nullcontext: [], no_attention: []}  # (seconds, DecodeProbe) each
+            for _ in range(2):
+                for variant, runs_of in runs.items():
+                    with DecodeProbe() as probe, variant():
+                        sync(device)
+                        t = time.perf_counter()
+                        R.generate(ours, prompts, sampling, stop_ids=[], progress=False)
+                        sync(device)
+                        runs_of.append((time.perf_counter() - t, probe))
+            (seconds, decode), (_, bare) = (min(r, key=lambda run: run[0]) for r in runs.values())
+            step_ms, bare_ms = decode.median_ms(), bare.median_ms()
+            if graphs:
+                step_bytes = (weight_bytes(ours) + decode.kv_tokens / max(decode.steps, 1)
+                              * kv_bytes(cfg, ours))
+                roofline_ms = 1e3 * step_bytes / copy_bandwidth(device)
+                result.update(medrl_tok_s=rows * new_tokens / seconds, decode_steps=decode.steps,
+                              decode_step_ms=step_ms, decode_roofline_ms=roofline_ms,
+                              decode_roofline_fraction=roofline_ms / step_ms,
+                              decode_steps_without_attention=bare.steps,
+                              attention_fraction=(step_ms - bare_ms) / step_ms)
+            else:
+                result.update(eager_tok_s=rows * new_tokens / seconds, eager_step_ms=step_ms,
+                              eager_attention_fraction=(step_ms - bare_ms) / step_ms)
     hf_s = hf_generate_seconds(hf, prompts, new_tokens, device)
-    tokens = batch * new_tokens
-    step_bytes = weight_bytes(ours) + decode.kv_tokens / max(decode.steps, 1) * kv_bytes(cfg, ours)
-    roofline_s = step_bytes / copy_bandwidth(device)
-    step_ms, bare_ms = (1e3 * p.seconds / p.steps for p in (decode, bare))
-    return dict(batch=batch, new_tokens=new_tokens, medrl_tok_s=tokens / medrl_s,
-                transformers_tok_s=tokens / hf_s, ratio=hf_s / medrl_s,
-                decode_steps=decode.steps, decode_step_ms=step_ms,
-                decode_roofline_ms=1e3 * roofline_s,
-                decode_roofline_fraction=1e3 * roofline_s / step_ms,
-                decode_steps_without_attention=bare.steps,
-                attention_fraction=(step_ms - bare_ms) / step_ms)
+    result.update(transformers_tok_s=rows * new_tokens / hf_s,
+                  ratio=result["medrl_tok_s"] / (rows * new_tokens / hf_s))
+    return result
+
+
+@contextlib.contextmanager
+def paged_engine():
+    """The paged engine (rollout.Engine) on every device: on the CPU (--tiny) too."""
+    real = R.CPU_DECODE
+    R.CPU_DECODE = set()
+    try:
+        yield
+    finally:
+        R.CPU_DECODE = real
 
 
 @contextlib.contextmanager
 def no_attention():
     """Decode steps whose attention over the cache (and its k/v write) returns q unchanged."""
-    real = kvcache.Decode.attend
-    kvcache.Decode.attend = lambda self, layer, q, k, v: q
+    real = kvcache.PagedDecode.attend
+    kvcache.PagedDecode.attend = lambda self, layer, q, k, v: q
     try:
         yield
     finally:
-        kvcache.Decode.attend = real
+        kvcache.PagedDecode.attend = real
 
 
 class DecodeProbe:
-    """Times rollout._decode (device-synchronised) and counts the KV tokens each step reads (a
-    prompt that a group shares once, on the head-major layout)."""
+    """Times rollout.Engine.decode (device-synchronised; the step's replay, or its forward and
+    sampling eager) and counts the KV tokens its steps read (each row's, shared prompt blocks
+    once per row: the paged kernels read a row's blocks whoever shares them)."""
 
     def __enter__(self):
-        self.steps, self.seconds, self.kv_tokens, self.real = 0, 0.0, 0, R._decode
+        self.times, self.kv_tokens, self.real = [], 0, R.Engine.decode
 
-        def timed(model, run, slots, last):
-            device = model.model.embed_tokens.weight.device
-            sync(device)
+        def timed(engine, rows):
+            sync(engine.device)
             t = time.perf_counter()
-            out = self.real(model, run, slots, last)
-            sync(device)
-            self.seconds += time.perf_counter() - t
-            self.steps += 1
-            self.kv_tokens += run.kv_tokens(slots)
+            out = self.real(engine, rows)
+            sync(engine.device)
+            self.times.append(time.perf_counter() - t)
+            self.kv_tokens += sum(r.length for r in rows)  # (each row's, the new token's too)
             return out
-        R._decode = timed
+        R.Engine.decode = timed
         return self
 
+    @property
+    def steps(self) -> int:
+        return len(self.times)
+
+    def median_ms(self) -> float:
+        return 1e3 * sorted(self.times)[len(self.times) // 2] if self.times else float("nan")
+
     def __exit__(self, *exc):
-        R._decode = self.real
+        R.Engine.decode = self.real
 
 
 def weight_bytes(model) -> float:
@@ -1138,7 +1175,8 @@ def get_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU check at tiny shapes (the test suite)")
     p.add_argument("--stages", default=",".join(names),
                    help="comma-separated stages to run, in their fixed order")
-    p.add_argument("--batch", type=int, default=64, help="prompts in the throughput run")
+    p.add_argument("--rows", type=lambda v: [int(x) for x in v.split(",")], default=[64, 256],
+                   help="concurrent sequences of the throughput runs, comma-separated")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per prompt, exactly")
     p.add_argument("--grpo-steps", type=int, default=2, help="GRPO steps at the 1B shape")
     p.add_argument("--watchdog", type=float, default=240,
@@ -1160,7 +1198,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     if not cuda:
-        args.batch, args.new_tokens = min(args.batch, 8), min(args.new_tokens, 16)
+        args.rows, args.new_tokens = [min(r, 8) for r in args.rows][:1], min(args.new_tokens, 16)
     wanted = args.stages.split(",")
     chosen = [(name, fn) for name, fn in stages() if name in wanted]
     report = dict(device=device_name(device), dtype=str(dtype), torch=torch.__version__,

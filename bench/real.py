@@ -5,7 +5,8 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIBLINGS = ("kvcache", "sampling")  # the modules rollout.py imports from its own folder
+# the modules rollout.py imports from its own folder (in an order they can import each other)
+SIBLINGS = ("kvcache", "sampling", "decode_cpu")
 
 
 def _load(name: str, path: str):
@@ -17,8 +18,8 @@ def _load(name: str, path: str):
 
 def load_rollout(path: str):
     """The rollout.py at `path` as a module (e.g. an older commit's, to time against). The
-    kvcache.py and sampling.py beside it, where there are, are the ones it imports (else the
-    repo's)."""
+    kvcache.py, sampling.py and decode_cpu.py beside it, where there are, are the ones it imports
+    (else the repo's)."""
     folder, saved = os.path.dirname(os.path.abspath(path)), {}
     for name in SIBLINGS:
         beside = os.path.join(folder, name + ".py")

@@ -13,7 +13,7 @@ rooflines, and where a mean decode step's time goes (one more medrl run, with ti
     OMP_NUM_THREADS=1 python bench/rollout.py [--prompts 32 --n 8 --new-tokens 64]
     OMP_NUM_THREADS=1 python bench/rollout.py --real [--configs 4x4,16x8 --reps 1]
     (--rollout FILE times another rollout.py, e.g. an older copy, for a before/after; the
-    kvcache.py and sampling.py beside it, where there are, are the ones it uses)
+    kvcache.py, sampling.py and decode_cpu.py beside it, where there are, are the ones it uses)
 """
 import argparse
 import os
@@ -44,7 +44,10 @@ class Probe:
     timers cost a few microseconds per module call, so time throughput without them."""
 
     def __init__(self, rollout, model=None, parts=False):
-        self.R, self.model, self.parts = rollout, model, parts
+        # the module of the CPU's decode path: decode_cpu.py, or an older rollout.py itself
+        self.R, self.model, self.parts = getattr(rollout, "decode_cpu", rollout), model, parts
+        # the sampling function that path calls (sample_rows; sample_tokens before it)
+        self.sampler = "sample_rows" if hasattr(self.R, "sample_rows") else "sample_tokens"
 
     def __enter__(self):
         R_, self.prefill_s, self.prefill_tokens = self.R, 0.0, 0
@@ -53,7 +56,7 @@ class Probe:
         self.t = dict.fromkeys(["decode", "forward", "attention", "linear", "lm_head",
                                 "sample_step", "sampling"], 0.0)
         self.orig = prefill, decode = R_._prefill, R_._decode
-        self.orig_parts = R_.Decode.attend, R_.sample_tokens, R_._sample_step
+        self.orig_parts = R_.Decode.attend, getattr(R_, self.sampler), R_._sample_step
 
         def timed_prefill(model, run, batch):
             t = time.perf_counter()
@@ -94,7 +97,7 @@ class Probe:
         sampling (every step, the one after a prefill included)."""
         R_, started = self.R, {}
         R_.Decode.attend = self._timed("attention", self.orig_parts[0])
-        R_.sample_tokens = self._timed("sampling", self.orig_parts[1], always=True)
+        setattr(R_, self.sampler, self._timed("sampling", self.orig_parts[1], always=True))
         R_._sample_step = self._timed("sample_step", self.orig_parts[2], always=True)
         # the lm_head's matmul: model.logits_fp32 where the model has it, else the Linear below
         self.model_module = sys.modules[type(self.model).__module__]
@@ -126,7 +129,8 @@ class Probe:
 
     def __exit__(self, *exc):
         self.R._prefill, self.R._decode = self.orig
-        self.R.Decode.attend, self.R.sample_tokens, self.R._sample_step = self.orig_parts
+        self.R.Decode.attend, self.R._sample_step = self.orig_parts[0], self.orig_parts[2]
+        setattr(self.R, self.sampler, self.orig_parts[1])
         for h in self.hooks:
             h.remove()
         if self.parts and self.orig_head is not None:

@@ -4,7 +4,7 @@ the decode steps alone, and the whole generate call (prefills included), best of
 many prompts each ran through a prefill.
 
     mkdir -p /tmp/old && git show COMMIT:rollout.py > /tmp/old/rollout.py
-    for m in kvcache sampling; do  # the commit's, where it has them (else the repo's are used)
+    for m in kvcache sampling decode_cpu; do  # the commit's, where it has them (else the repo's)
       git show COMMIT:$m.py > /tmp/old/$m.py 2>/dev/null || rm /tmp/old/$m.py; done
     OMP_NUM_THREADS=1 python bench/rollout_ab.py /tmp/old/rollout.py [--configs 4x4,16x8,32x1]
     (--stop --max-cache-tokens 16384: natural lengths, fewer slots than samples, as in training)
@@ -24,8 +24,10 @@ from real import load_rollout, medqa_workloads, prefilled  # bench/real.py (on s
 
 
 def timed_generate(rollout, model, prompts, n: int, args):
-    """(seconds in rollout._decode, seconds of the whole generate, prompts run through a
+    """(seconds in the CPU path's _decode, seconds of the whole generate, prompts run through a
     prefill) for one generate of n samples per prompt."""
+    generate = rollout
+    rollout = getattr(rollout, "decode_cpu", rollout)  # the CPU path: its own file, or in rollout
     real_decode, real_prefill, spent, count = rollout._decode, rollout._prefill, [0.0], [0]
 
     def timed(*a):
@@ -39,11 +41,11 @@ def timed_generate(rollout, model, prompts, n: int, args):
         return real_prefill(model, run, batch)
     rollout._decode, rollout._prefill = timed, counted
     try:
-        sampling = rollout.Sampling(n=n, max_new_tokens=args.new_tokens, temperature=1.0,
-                                    max_cache_tokens=args.max_cache_tokens)
+        sampling = generate.Sampling(n=n, max_new_tokens=args.new_tokens, temperature=1.0,
+                                     max_cache_tokens=args.max_cache_tokens)
         t = time.perf_counter()
-        rollout.generate(model, prompts, sampling, stop_ids=None if args.stop else [],
-                         progress=False)
+        generate.generate(model, prompts, sampling, stop_ids=None if args.stop else [],
+                          progress=False)
         total = time.perf_counter() - t
     finally:
         rollout._decode, rollout._prefill = real_decode, real_prefill
@@ -71,7 +73,8 @@ def main():
     other = load_rollout(args.other)
     print(f"other: {os.path.abspath(args.other)}; {args.new_tokens} new tokens"
           f"{' at most (stop tokens)' if args.stop else ''}; KV budget {args.max_cache_tokens} "
-          f"tokens; best of {args.reps} (decode: rollout._decode only; generate: the whole call)")
+          f"tokens; best of {args.reps} (decode: the CPU path's _decode only; generate: the "
+          f"whole call)")
     for n_prompts, n in configs:
         runs = {"other": [], "repo": []}
         for rep in range(args.reps):  # alternate which goes first

@@ -121,6 +121,22 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     return torch.stack(outs).to(q.dtype)  # (B, Tq, H, D)
 
 
+def _unpage(k_cache, v_cache, block_table, batch, k, cache_batch_idx):
+    """A paged cache (blocks, page_size, Hk, D) read through block_table (B, max_blocks) int32 as
+    the per-row cache it stands for (B, max_blocks * page_size, Hk, D), a copy: new k/v (written
+    into the pages) and cache_batch_idx with a block table are not used by medrl and refused."""
+    if k is not None or cache_batch_idx is not None:
+        raise NotImplementedError("flash_attn double: new k/v or cache_batch_idx with a "
+                                  "block_table are not supported")
+    if k_cache.shape[1] % 256:
+        raise RuntimeError("Paged KV cache block size must be divisible by 256")
+    if (not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32
+            or block_table.dim() != 2 or block_table.shape[0] != batch):
+        raise RuntimeError(f"block_table must be int32 of shape ({batch}, max_blocks)")
+    pages = block_table.long()
+    return (x[pages].reshape(batch, -1, *x.shape[2:]) for x in (k_cache, v_cache))
+
+
 @torch.no_grad()  # the kernel has no backward pass
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
@@ -132,7 +148,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Row b attends to cache row cache_batch_idx[b] (or b), positions [cache_leftpad[b] (or 0),
     cache_seqlens[b] + Tnew) (or the whole cache when cache_seqlens is None)."""
     _unsupported(0.0, window_size, softcap, alibi_slopes,
-                 rotary_cos=rotary_cos, rotary_sin=rotary_sin, block_table=block_table)
+                 rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    if block_table is not None:
+        k_cache, v_cache = _unpage(k_cache, v_cache, block_table, q.shape[0], k, cache_batch_idx)
     _check_qkv(q, k_cache, v_cache, ndim=4)
     batch, seqlen_q, nheads, _ = q.shape
     batch_cache, seqlen_cache = k_cache.shape[:2]

@@ -269,7 +269,7 @@ def test_unsupported_features_raise(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [dict(rotary_cos=torch.ones(10, 4)), dict(rotary_sin=torch.ones(10, 4)),
-                                    dict(block_table=torch.zeros(1, 1, dtype=I32)), dict(softcap=1.0)])
+                                    dict(softcap=1.0)])
 def test_kvcache_unsupported_features_raise(kwargs):
     k_cache, v_cache = make_cache()
     with pytest.raises(NotImplementedError):
@@ -278,3 +278,25 @@ def test_kvcache_unsupported_features_raise(kwargs):
 
 def test_is_test_double():
     assert fa.IS_TEST_DOUBLE is True
+
+
+def test_kvcache_block_table_reads_pages():
+    """A paged cache (pages of 256) read through block_table equals the per-row cache it stands
+    for; pages not a multiple of 256, or new k/v with a block table, raise."""
+    torch.manual_seed(0)
+    pool_k, pool_v = torch.randn(4, 256, 1, 8), torch.randn(4, 256, 1, 8)
+    table = torch.tensor([[2, 0], [3, 1]], dtype=I32)
+    q = torch.randn(2, 1, 2, 8)
+    seqlens = torch.tensor([260, 7], dtype=I32)
+    out = fa.flash_attn_with_kvcache(q, pool_k, pool_v, cache_seqlens=seqlens, block_table=table,
+                                     causal=True)
+    rows_k = pool_k[table.long()].reshape(2, 512, 1, 8)
+    rows_v = pool_v[table.long()].reshape(2, 512, 1, 8)
+    ref = fa.flash_attn_with_kvcache(q, rows_k, rows_v, cache_seqlens=seqlens, causal=True)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(RuntimeError, match="divisible by 256"):
+        fa.flash_attn_with_kvcache(q, pool_k[:, :16], pool_v[:, :16], cache_seqlens=seqlens,
+                                   block_table=table)
+    with pytest.raises(NotImplementedError):
+        fa.flash_attn_with_kvcache(q, pool_k, pool_v, q[:, :, :1], q[:, :, :1],
+                                   cache_seqlens=seqlens, block_table=table)

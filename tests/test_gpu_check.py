@@ -66,8 +66,10 @@ def test_parity_and_throughput_at_tiny_shapes(tiny_run):
         assert r["logits_max_abs_diff"] < 1e-4 and r["logprob_max_abs_diff"] < 1e-4  # fp32
         assert r["shared_prefix_logprob_max_abs_diff"] < 1e-4
         assert r["greedy"]["greedy_tokens_equal"] == 1.0 and r["greedy"]["greedy_ok"]
-        t = stages["throughput"][shape]
-        assert t["medrl_tok_s"] > 0 and t["transformers_tok_s"] > 0 and t["decode_steps"] > 0
+        assert stages["throughput"][shape]["decode_kernel"] == "gather"  # the paged engine's
+        t = stages["throughput"][shape]["rows_8"]
+        assert t["medrl_tok_s"] > 0 and t["transformers_tok_s"] > 0 and t["eager_tok_s"] > 0
+        assert t["decode_steps"] == 15  # 16 tokens: the first from the prefill
         assert 0 < t["decode_roofline_fraction"] <= 1
         # the steps timed again without attention over the cache: the same steps, faster (at the
         # tiny shapes on one CPU thread attention is ~35-40% of a step; timing noise is ~10%)
@@ -159,7 +161,7 @@ def test_an_unwritable_report_is_a_nonzero_exit(tmp_path):
     assert proc.returncode != 0 and "cannot write the report" in proc.stderr
 
 
-def _decode():  # named as rollout.py's decode step, whose syncs the stage attributes to it
+def decode():  # named as rollout.Engine's decode step, whose syncs the stage attributes to it
     warnings.warn("called a synchronizing CUDA operation")
 
 
@@ -171,13 +173,13 @@ def test_sync_sites_names_the_project_frame_and_step():
 
     def generate():
         for _ in range(3):
-            _decode()
+            decode()
         warnings.warn("something else")  # passed on, not counted
     with pytest.warns(UserWarning) as shown:
         sites = gc.sync_sites(generate, debug=False)
-    line = _decode.__code__.co_firstlineno + 1
-    assert sites == [(f"tests/test_gpu_check.py:{line} _decode", "_decode")] * 3
+    line = decode.__code__.co_firstlineno + 1
+    assert sites == [(f"tests/test_gpu_check.py:{line} decode", "decode")] * 3
     assert [str(w.message) for w in shown] == ["something else"]
     summary = gc.summarise_syncs(sites, steps=3)
-    assert summary["per_step"] == 1.0 and summary["by_phase"]["_decode"] == 3
-    assert summary["sites"] == [dict(where=sites[0][0], phase="_decode", count=3)]
+    assert summary["per_step"] == 1.0 and summary["by_phase"]["decode"] == 3
+    assert summary["sites"] == [dict(where=sites[0][0], phase="decode", count=3)]

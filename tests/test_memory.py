@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import grpo
-import kvcache
+import decode_cpu
 import memory
 import model as M
 import ppo
@@ -45,17 +45,17 @@ def test_plan_matches_what_a_small_run_allocates(tmp_path):
     policy = rl.Trainable.load("policy", path, args.lr, args, Dist())
     weights = sum(p.numel() * p.element_size() for p in policy.module.parameters())
     caches = []
-    real_cache = kvcache.KVCache.__init__
+    real_cache = decode_cpu.KVCache.__init__
 
     def record(self, *a, **k):
         real_cache(self, *a, **k)
         caches.append(self.nbytes)
-    kvcache.KVCache.__init__ = record
+    decode_cpu.KVCache.__init__ = record
     try:
         R.generate(policy.module, prompts, R.Sampling(n=2, max_new_tokens=5), stop_ids=[],
                    progress=False)
     finally:
-        kvcache.KVCache.__init__ = real_cache
+        decode_cpu.KVCache.__init__ = real_cache
     batch = [rl.Completion(None, 0, p, [1, 2], torch.zeros(2), "stop") for p in prompts]
     mb = rl.micro_batches(batch, 10_000, "cpu")[0]
     rl.logprobs(policy.module, mb)[0].sum().backward()

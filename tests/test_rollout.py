@@ -1,10 +1,10 @@
-"""rollout.py and kvcache.py: exact greedy decoding, cache == no cache, log-probs, reproducibility,
+"""rollout.py and decode_cpu.py (the CPU path; test_paged.py: the paged engine): exact greedy decoding, cache == no cache, log-probs, reproducibility,
 the cache layouts and decode segments."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import kvcache
+import decode_cpu as D
 import model as M
 import rollout as R
 from tiny import make_tiny_checkpoint
@@ -120,22 +120,6 @@ def test_default_stop_ids_come_from_config_and_tokenizer(ckpts):
     assert tok.convert_tokens_to_ids("<|eot_id|>") in ids and tok.eos_token_id in ids
 
 
-def test_flash_kvcache_path_matches_sdpa(llama, monkeypatch):
-    import flash_attn_double
-    kw = dict(n=2, max_new_tokens=8, temperature=1.0, seed=3, progress=False)
-    ref = gen(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)
-    monkeypatch.setattr(M, "FLASH", flash_attn_double)
-    calls = []
-    real = flash_attn_double.flash_attn_with_kvcache
-    monkeypatch.setattr(flash_attn_double, "flash_attn_with_kvcache",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    out = gen(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)
-    assert calls, "the flash decode path was not taken"
-    for a, b in zip(ref, out):
-        assert a.response_ids == b.response_ids
-        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
-
-
 def training_logprobs(model, samples, temperature=1.0):
     """Log-probs of each sample's response tokens from one packed training forward."""
     seqs = [s.prompt_ids + s.response_ids for s in samples]
@@ -152,12 +136,12 @@ def test_segmented_decode_matches_one_read_of_all_rows(llama, monkeypatch):
     its segment) and prompts of different lengths in one segment (masked) included."""
     kw = dict(n=3, max_new_tokens=10, temperature=1.0, seed=4, stop_ids=list(range(3, 300, 9)))
     built = []
-    real = R.decode_segments
+    real = D.decode_segments
     def record(rows, readers, *a):  # the segments, and the batch size (the padding row)
         built.append((real(rows, readers, *a)[0], sum(map(len, readers))))
         return real(rows, readers, *a)
-    monkeypatch.setattr(R, "decode_segments", record)
-    monkeypatch.setitem(kvcache.SEGMENT_COST, "cpu", 10**9)  # split only at free slots / entries
+    monkeypatch.setattr(D, "decode_segments", record)
+    monkeypatch.setitem(D.SEGMENT_COST, "cpu", 10**9)  # split only at free slots / entries
     one = gen(llama, PROMPTS, **kw)
     assert max(len(segs) for segs, _ in built) > 1, "no free slot split the rows"
     assert any(s.finish_reason == "stop" for s in one)
@@ -165,7 +149,7 @@ def test_segmented_decode_matches_one_read_of_all_rows(llama, monkeypatch):
     assert any(pad in seg.index.tolist() for seg, pad in segs), "no entry was padded"
     assert any(seg.width > 1 and seg.mask is not None for seg, _ in segs), "no mixed lengths"
     splits, built[:] = sum(len(segs) for segs, _ in built), []
-    monkeypatch.setitem(kvcache.SEGMENT_COST, "cpu", 0)  # never a key too many
+    monkeypatch.setitem(D.SEGMENT_COST, "cpu", 0)  # never a key too many
     many = gen(llama, PROMPTS, **kw)
     assert sum(len(segs) for segs, _ in built) > splits
     for a, b, ref in zip(one, many, training_logprobs(llama, one)):
@@ -176,17 +160,17 @@ def test_segmented_decode_matches_one_read_of_all_rows(llama, monkeypatch):
 
 def test_a_group_reads_one_copy_of_its_prompt(llama, monkeypatch):
     """Head-major with n > 1: each prefill writes a prompt once (one entry), and the samples are
-    those of the layout that copies it into every slot (n = 1's, and flash-attn's)."""
+    those of the layout that copies it into every slot (n = 1's)."""
     written = []
-    real_write, real_cache = R.KVCache.write_prompt, R.KVCache
-    monkeypatch.setattr(R.KVCache, "write_prompt",
+    real_write, real_cache = D.KVCache.write_prompt, D.KVCache
+    monkeypatch.setattr(D.KVCache, "write_prompt",
                         lambda self, layer, first, end, k, v: written.append(end - first)
                         or real_write(self, layer, first, end, k, v))
     kw = dict(n=4, max_new_tokens=6, temperature=1.0, seed=2, stop_ids=list(range(3, 300, 7)))
     shared = gen(llama, PROMPTS, **kw)
     assert sum(written) == llama.config.num_hidden_layers * len(PROMPTS)
     written[:] = []
-    monkeypatch.setattr(R, "KVCache", lambda *a, **k: real_cache(*a, **dict(k, shared=False)))
+    monkeypatch.setattr(D, "KVCache", lambda *a, **k: real_cache(*a, **dict(k, shared=False)))
     copied = gen(llama, PROMPTS, **kw)
     assert sum(written) == llama.config.num_hidden_layers * len(PROMPTS) * 4
     assert any(s.finish_reason == "stop" for s in shared)
@@ -195,7 +179,7 @@ def test_a_group_reads_one_copy_of_its_prompt(llama, monkeypatch):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["shared", "per-slot", "flash"])
+@pytest.mark.parametrize("layout", ["shared", "per-slot"])
 def test_rest_of_a_group_joins_without_a_prefill(llama, monkeypatch, layout):
     """Three slots, groups of four: a group's later samples join while its first ones decode,
     with no prefill (the prompt read from its entry, or copied from a sibling slot, the first
@@ -204,13 +188,10 @@ def test_rest_of_a_group_joins_without_a_prefill(llama, monkeypatch, layout):
     kw = dict(n=4, max_new_tokens=8, temperature=1.0, seed=5, stop_ids=list(range(3, 300, 7)))
     whole = gen(llama, PROMPTS, **kw)
     if layout == "per-slot":
-        real_cache = R.KVCache
-        monkeypatch.setattr(R, "KVCache", lambda *a, **k: real_cache(*a, **dict(k, shared=False)))
-    if layout == "flash":
-        import flash_attn_double
-        monkeypatch.setattr(M, "FLASH", flash_attn_double)
-    admitted, real_prefill = [], R._prefill
-    monkeypatch.setattr(R, "_prefill", lambda m, run, batch: admitted.extend(batch)
+        real_cache = D.KVCache
+        monkeypatch.setattr(D, "KVCache", lambda *a, **k: real_cache(*a, **dict(k, shared=False)))
+    admitted, real_prefill = [], D._prefill
+    monkeypatch.setattr(D, "_prefill", lambda m, run, batch: admitted.extend(batch)
                         or real_prefill(m, run, batch))
     split = gen(llama, PROMPTS, max_cache_tokens=19 * 3, **kw)  # 3 slots: 11 + 8 tokens each
     assert [b[0] for b in admitted if b[4] is None] == [0, 1, 2, 3]  # one prefill per prompt
@@ -222,11 +203,11 @@ def test_rest_of_a_group_joins_without_a_prefill(llama, monkeypatch, layout):
 
 
 def test_plan_segments_trades_wasted_keys_for_calls():
-    assert kvcache.plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=5) == [(0, 2), (2, 4)]
-    assert kvcache.plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=1000) == [(0, 4)]
-    assert kvcache.plan_segments([0, 1, 3], [50, 50, 50], cost=1000) == [(0, 2), (2, 3)]  # free 2
-    assert kvcache.plan_segments([4, 5, 6], [1, 50, 50], cost=60) == [(0, 3)]  # 49 keys < a call
-    assert kvcache.plan_segments([4, 5, 6], [1, 50, 50], cost=40) == [(0, 1), (1, 3)]
+    assert D.plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=5) == [(0, 2), (2, 4)]
+    assert D.plan_segments([0, 1, 2, 3], [10, 10, 100, 100], cost=1000) == [(0, 4)]
+    assert D.plan_segments([0, 1, 3], [50, 50, 50], cost=1000) == [(0, 2), (2, 3)]  # free 2
+    assert D.plan_segments([4, 5, 6], [1, 50, 50], cost=60) == [(0, 3)]  # 49 keys < a call
+    assert D.plan_segments([4, 5, 6], [1, 50, 50], cost=40) == [(0, 1), (1, 3)]
 
 
 def test_prompt_write_in_every_cache_layout():
@@ -236,24 +217,24 @@ def test_prompt_write_in_every_cache_layout():
                         tie_word_embeddings=False, qkv_bias=False, o_bias=False)
     k, v = torch.randn(4, 2, 3), torch.randn(4, 2, 3)  # (T, Hkv, D)
     sizes = []
-    for flash, shared in ((False, False), (False, True), (True, False)):
-        cache = kvcache.KVCache(cfg, slots=3, prompt_len=4, new_len=2, device="cpu",
-                                dtype=torch.float32, flash=flash, shared=shared)
+    for shared in (False, True):
+        cache = D.KVCache(cfg, slots=3, prompt_len=4, new_len=2, device="cpu",
+                          dtype=torch.float32, shared=shared)
         cache.write_prompt(1, 1, 3, k, v)  # prompt rows 1 and 2, positions 0..3
-        kk = cache.pk[1] if flash else cache.pk[1].permute(0, 3, 1, 2)  # (rows, T, Hkv, D)
-        vv = cache.pv[1] if flash else cache.pv[1].transpose(1, 2)  # (rows, T, Hkv, D)
+        kk = cache.pk[1].permute(0, 3, 1, 2)  # (rows, T, Hkv, D)
+        vv = cache.pv[1].transpose(1, 2)  # (rows, T, Hkv, D)
         for s in (1, 2):
             assert torch.equal(kk[s, :4], k) and torch.equal(vv[s, :4], v)
         assert kk[0].abs().sum() == 0 and cache.pk[0].abs().sum() == 0
         assert kk[:, 4:].abs().sum() == 0 and (not shared or cache.k.abs().sum() == 0)
         assert cache.shared == shared and (cache.pk is cache.k) == (not shared)
         sizes.append(cache.nbytes)
-    assert sizes == [2 * 2 * 3 * 6 * 2 * 3 * 4] * 3  # k and v, layers, slots, 6 tokens, Hkv, D
+    assert sizes == [2 * 2 * 3 * 6 * 2 * 3 * 4] * 2  # k and v, layers, slots, 6 tokens, Hkv, D
 
 
 def test_admitted_slots_go_to_the_shortest_prompts_first():
     from types import SimpleNamespace
-    run = R._Engine([[1] * 5, [2] * 2, [3] * 9], 2, SimpleNamespace(slots=6), seed=0,
+    run = D._Engine([[1] * 5, [2] * 2, [3] * 9], 2, SimpleNamespace(slots=6), seed=0,
                  prompt_offset=0, device="cpu")
     assert run.admit() == [(0, [0, 1], [2, 3], 1, None), (1, [0, 1], [0, 1], 0, None),
                            (2, [0, 1], [4, 5], 2, None)]
@@ -280,7 +261,7 @@ def test_free_slots_take_part_of_a_group():
     entry while it lives (its slot the source to copy from), and a prompt whose samples are all
     done gets a new entry."""
     from types import SimpleNamespace
-    run = R._Engine([[1, 2], [3, 4]], 4, SimpleNamespace(slots=5), seed=0, prompt_offset=0,
+    run = D._Engine([[1, 2], [3, 4]], 4, SimpleNamespace(slots=5), seed=0, prompt_offset=0,
                  device="cpu")
     assert run.admit() == [(0, [0, 1, 2, 3], [0, 1, 2, 3], 0, None), (1, [0], [4], 1, None)]
     run.slot_of.update({s: (0, s) for s in range(4)} | {4: (1, 0)})

@@ -233,15 +233,36 @@ def test_windows():
         vd.varlen_attn(q, k, v, cu_q, cu_k, 4, 5, window_size=(-1, 0, 0))
 
 
-def test_num_splits_ignored_block_table_refused():
+def test_num_splits_ignored():
     torch.manual_seed(0)
     q, k, v, cu_q, cu_k = ragged([3, 4], [5, 4], heads=2, heads_k=2)
     base = vd.varlen_attn(q, k, v, cu_q, cu_k, 4, 5, **CAUSAL)
     for splits in (0, 1, 4):
         torch.testing.assert_close(
             vd.varlen_attn(q, k, v, cu_q, cu_k, 4, 5, num_splits=splits, **CAUSAL), base)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        vd.varlen_attn(q, k, v, cu_q, cu_k, 4, 5, block_table=torch.zeros(2, 1, dtype=I32))
+
+
+def test_block_table_reads_each_sequence_from_its_pages():
+    """A paged call (pages of 256 keys, in any order in the pool) equals per-sequence SDPA over
+    the sequence's first seqused_k keys, read page by page; bad pages and sizes raise."""
+    torch.manual_seed(0)
+    page, used = 256, [300, 5]
+    pool_k, pool_v = torch.randn(5, page, 1, 8), torch.randn(5, page, 1, 8)  # 5 pages, Hkv 1
+    table = torch.tensor([[3, 1], [4, 0]], dtype=I32)
+    q = torch.randn(2, 2, 8)  # one query per sequence (decode), H 2
+    kw = dict(seqused_k=torch.tensor(used, dtype=I32), block_table=table, enable_gqa=True)
+    cu_q, cu_k = torch.tensor([0, 1, 2], dtype=I32), torch.tensor([0, 300, 305], dtype=I32)
+    out = vd.varlen_attn(q, pool_k, pool_v, cu_q, cu_k, 1, 2 * page, **kw)
+    for i, (pages, n) in enumerate(zip(table.long(), used)):
+        k = pool_k[pages].reshape(-1, 1, 8)[:n].expand(n, 2, 8)
+        v = pool_v[pages].reshape(-1, 1, 8)[:n].expand(n, 2, 8)
+        close(out[i:i + 1], sdpa_reference(q[i:i + 1], k, v, causal=False))
+    with pytest.raises(RuntimeError, match="requires seqused_k"):
+        vd.varlen_attn(q, pool_k, pool_v, cu_q, cu_k, 1, 512, block_table=table, enable_gqa=True)
+    with pytest.raises(RuntimeError, match="divisible by 256"):
+        vd.varlen_attn(q, pool_k[:, :16], pool_v[:, :16], cu_q, cu_k, 1, 32, **kw)
+    with pytest.raises(RuntimeError, match="outside"):
+        vd.varlen_attn(q, pool_k, pool_v, cu_q, cu_k, 1, 512, **dict(kw, block_table=table + 2))
 
 
 @pytest.mark.parametrize("bad, error, match", [

@@ -44,7 +44,11 @@ libtorch_cuda.so.
 Like tests/flash_attn_double.py it is stricter than the kernel where the kernel would read out of
 bounds (max_q/max_k too small, seqused_k past its sequence, cu_seq not ending at the total) and it
 accepts fp32, which the kernel rejects, so CPU tests stay small. Unsupported features (sliding
-windows, block_table) raise NotImplementedError instead of being ignored.
+windows) raise NotImplementedError instead of being ignored.
+- Paged KV (2.12+): key/value `(pages, page_size, Hkv, D)`, block_table `(N, max_pages)` int32,
+  seqused_k required (the docstring); the page size a multiple of 256 as FlashAttention-2's
+  flash_api.cpp demands of a paged cache (torch's vendored copy assumed the same: unconfirmed on
+  a GPU).
 """
 import itertools
 import math
@@ -227,7 +231,8 @@ def varlen_attn(
     and lse (H, Tq) float32 when return_aux.lse. num_splits only changes the kernel's reduction
     order, so it is accepted and ignored."""
     if block_table is not None:
-        raise NotImplementedError("varlen_attn double: block_table (paged KV) is not supported")
+        key, value, cu_seq_k, max_k = _unpage(key, value, cu_seq_q, cu_seq_k, seqused_k,
+                                              block_table)
     heads_q, heads_k = query.size(1), key.size(1)
     if not enable_gqa and heads_q != heads_k:
         raise ValueError(f"Expect query and key/value to have the same number of heads but got "
@@ -243,6 +248,37 @@ def varlen_attn(
         raise RuntimeError("seqused_k is an inference-only parameter.")
     return _run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=causal,
                 scale=scale, return_aux=return_aux, seqused_k=seqused_k)
+
+
+PAGE_MULTIPLE = 256  # flash_api.cpp: "Paged KV cache block size must be divisible by 256"
+
+
+def _unpage(key, value, cu_seq_q, cu_seq_k, seqused_k, block_table):
+    """A paged call as the packed one it stands for: k/v (pages, page_size, Hkv, D) and
+    block_table (N, max_pages) int32 -> each sequence's pages laid end to end (N * max_pages *
+    page_size, Hkv, D), its first seqused_k[i] keys used. cu_seq_k (N+1,) int32 is checked for its
+    shape and type only (the kernel reads the lengths from seqused_k, which paging requires)."""
+    if seqused_k is None:
+        raise RuntimeError("block_table requires seqused_k")
+    if key.dim() != 4 or value.shape != key.shape:
+        raise RuntimeError(f"paged key/value must be (pages, page_size, Hkv, D), got "
+                           f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if key.shape[1] % PAGE_MULTIPLE:
+        raise RuntimeError(f"Paged KV cache block size must be divisible by {PAGE_MULTIPLE}, "
+                           f"got {key.shape[1]}")
+    n = cu_seq_q.numel() - 1
+    if (not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32
+            or block_table.dim() != 2 or block_table.shape[0] != n):
+        raise RuntimeError(f"block_table must be int32 of shape ({n}, max_pages)")
+    if cu_seq_k is not None and (cu_seq_k.dtype != torch.int32 or cu_seq_k.shape != (n + 1,)):
+        raise RuntimeError(f"cu_seq_k must be int32 of shape ({n + 1},)")
+    pages = block_table.long()
+    if pages.min() < 0 or pages.max() >= key.shape[0]:
+        raise RuntimeError(f"block_table holds pages outside [0, {key.shape[0]})")
+    span = pages.shape[1] * key.shape[1]  # keys a sequence can hold
+    key, value = (x[pages].reshape(n * span, *x.shape[2:]) for x in (key, value))
+    cu = torch.arange(0, n * span + 1, span, dtype=torch.int32, device=key.device)
+    return key, value, cu, span
 
 
 def _varlen_attn_2_11(

@@ -1,0 +1,161 @@
+"""The paged engine (rollout.Engine, kvcache.py), run on the CPU by emptying rollout.CPU_DECODE:
+exact greedy decoding, log-probs of a training forward, the CPU path's samples, shared prompt
+blocks, running out of blocks, bucket padding, and the paged kernels through their doubles."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import kvcache
+import model as M
+import rollout as R
+from test_rollout import PROMPTS, gen, training_logprobs
+from tiny import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: make_tiny_checkpoint(str(root / arch), arch, seed=3)
+            for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def llama(ckpts):
+    return M.load_model(ckpts["llama"]).eval()
+
+
+@pytest.fixture
+def paged(monkeypatch):
+    """The paged engine on the CPU (its gather kernel), in blocks of 4 tokens; returns the
+    engines built, to look into."""
+    monkeypatch.setattr(R, "CPU_DECODE", set())
+    monkeypatch.setattr(kvcache, "GATHER_BLOCK", 4)
+    engines, real = [], R.Engine.__init__
+
+    def record(self, *a, **k):
+        real(self, *a, **k)
+        engines.append(self)
+    monkeypatch.setattr(R.Engine, "__init__", record)
+    return engines
+
+
+def same(a, b, atol=1e-5):
+    assert [(s.prompt_idx, s.sample_idx, s.response_ids, s.finish_reason) for s in a] == \
+           [(s.prompt_idx, s.sample_idx, s.response_ids, s.finish_reason) for s in b]
+    for x, y in zip(a, b):
+        assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=atol)
+
+
+def test_block_pool_hands_out_shares_and_takes_back():
+    cfg = M.ModelConfig(arch="llama", vocab_size=16, hidden_size=8, intermediate_size=16,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=3, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
+                        tie_word_embeddings=False, qkv_bias=False, o_bias=False)
+    pool = kvcache.BlockPool(cfg, blocks=5, block_size=4, device="cpu", dtype=torch.float32)
+    assert pool.nbytes == 2 * 2 * 5 * 4 * 2 * 3 * 4
+    a = pool.take(2)
+    assert a == [1, 2] and 0 not in pool.free  # block 0: padding rows' only
+    pool.hold(a)
+    pool.drop(a)
+    assert pool.free == [4, 3]  # still held once
+    pool.k[:, 2] = 7.0
+    b = pool.take(1)
+    pool.copy([2], b)
+    assert torch.equal(pool.k[:, b[0]], pool.k[:, 2]) and pool.slots([2, 3], 3, 6) == [11, 12, 13]
+    pool.drop(a + b)
+    assert sorted(pool.free) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_paged_greedy_equals_transformers_generate(ckpts, arch, paged):
+    m = M.load_model(ckpts[arch])
+    hf = AutoModelForCausalLM.from_pretrained(ckpts[arch], dtype=torch.float32).eval()
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                      pad_token_id=0)[:, width:]
+    out = gen(m, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[])
+    assert paged and paged[0].kernel == "gather"
+    assert [s.response_ids for s in out] == ref.tolist()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_paged_logprobs_equal_training_logprobs_and_the_cpu_path(llama, paged, temperature):
+    kw = dict(n=3, max_new_tokens=9, temperature=temperature, top_p=0.9, seed=5,
+              stop_ids=list(range(3, 300, 9)))
+    out = gen(llama, PROMPTS, **kw)
+    assert paged
+    for s, ref in zip(out, training_logprobs(llama, out, temperature)):
+        assert torch.allclose(torch.tensor(s.logprobs), ref, atol=1e-5)
+    R.CPU_DECODE.add("cpu")
+    same(out, gen(llama, PROMPTS, **kw))
+    assert any(s.finish_reason == "stop" for s in out)
+
+
+def test_a_group_shares_its_prompt_blocks(llama, paged, monkeypatch):
+    """n = 4: each prompt is prefilled once, its full blocks held by the entry and every sample
+    reading it, its last, part-filled block copied for all but the first."""
+    prefilled, held = [], []
+    real_prefill, real_step = R.Engine.prefill, R.Engine.step
+    monkeypatch.setattr(R.Engine, "prefill", lambda self, fresh: prefilled.extend(
+        len(ctx) for _, _, ctx in fresh) or real_prefill(self, fresh))
+
+    def step(self):
+        if not held:
+            entry = self.entries[2]  # PROMPTS[2]: 11 tokens, blocks of 4: 2 full, 1 part
+            held.append([self.pool.refs[b] for b in entry.blocks])
+        return real_step(self)
+    monkeypatch.setattr(R.Engine, "step", step)
+    out = gen(llama, PROMPTS, n=4, max_new_tokens=6, seed=2)
+    assert sorted(prefilled) == sorted(map(len, PROMPTS))
+    assert held == [[5, 5, 2]]  # entry + 4 readers; entry + the first reader
+    R.CPU_DECODE.add("cpu")
+    same(out, gen(llama, PROMPTS, n=4, max_new_tokens=6, seed=2))
+
+
+def test_running_out_of_blocks_preempts_and_recomputes(llama, paged):
+    """A pool of 8 blocks (7 usable) for 16 samples that grow to 5 blocks each: admission by
+    free blocks, then steps that need more blocks than are free preempt the newest rows, which
+    come back prefilled with what they had sampled; the samples are a large pool's."""
+    kw = dict(n=4, max_new_tokens=9, temperature=1.0, seed=7, stop_ids=[])
+    roomy = gen(llama, PROMPTS, **kw)
+    tight = gen(llama, PROMPTS, max_cache_tokens=8 * 4, **kw)
+    assert paged[1].preempted > 0 and len(paged[1].pool.free) == 7
+    same(roomy, tight)
+    with pytest.raises(ValueError, match="cannot hold one sequence of 20 tokens"):
+        gen(llama, PROMPTS, max_cache_tokens=5 * 4, **kw)
+
+
+def test_bucket_padding_changes_nothing(llama, paged, monkeypatch):
+    """Rows padded to a bucket of 16 (padded rows write to block 0 and are dropped) give exactly
+    the unpadded steps' tokens and log-probs."""
+    kw = dict(n=3, max_new_tokens=7, temperature=1.0, seed=9, stop_ids=list(range(3, 300, 11)))
+    monkeypatch.setattr(R, "BUCKETS", tuple(range(1, 513)))  # every size its own bucket
+    exact = gen(llama, PROMPTS, **kw)
+    sizes = []
+    real = R.Engine.decode_step
+    monkeypatch.setattr(R.Engine, "decode_step",
+                        lambda self, b, w: sizes.append(b) or real(self, b, w))
+    monkeypatch.setattr(R, "BUCKETS", (16, 512))
+    padded = gen(llama, PROMPTS, **kw)
+    assert set(sizes) == {16}
+    same(exact, padded, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flash-attn"])
+def test_paged_kernels_through_their_doubles(llama, paged, monkeypatch, kernel):
+    """torch's varlen_attn(seqused_k, block_table) (2.12+) and flash-attn's flash_attn_with_kvcache
+    (block_table), pages of 256, give the gather kernel's samples."""
+    import flash_attn_double
+    import varlen_attn_double
+    kw = dict(n=2, max_new_tokens=6, temperature=1.0, seed=3, stop_ids=[])
+    ref = gen(llama, PROMPTS[:2], **kw)
+    if kernel == "varlen":
+        monkeypatch.setattr(M, "VARLEN", varlen_attn_double)
+    else:
+        monkeypatch.setattr(M, "FLASH", flash_attn_double)
+    out = gen(llama, PROMPTS[:2], **kw)
+    assert paged[-1].kernel == kernel and paged[-1].pool.block_size == 256
+    same(ref, out)
