@@ -1,29 +1,26 @@
 """The sampler: generate(model, prompts, Sampling(n=...)) -> list[Sample], prompt-major (prompt
 i's n samples contiguous). Trainers and evaluate.py build a `Sampling` and pass it.
 
-The engine, read top to bottom: a queue of waiting completions; `admit` takes as many as the KV
-cache has free blocks for and prefills their prompts (packed, no padding; a group's prompt once,
-its blocks shared by its samples); `step` decodes one token for every running completion; the
-host reads the step's tokens, log-probs and stop flags (its one read of the device) and
-`release`s the finished completions' blocks, which the next `admit` hands on (continuous
-batching). When a step needs more blocks than are free, the newest completions are preempted:
-their blocks freed, they wait again, and are prefilled with what they have sampled.
-
-- KV cache: kvcache.BlockPool, fixed-size blocks from one pool of `max_cache_tokens` tokens.
-- Decode step (`Engine.decode`): its inputs (last tokens, positions, random-stream keys and
-  steps, block tables) are copied once from a pinned host buffer into a static device buffer;
-  rows are padded to a batch-size bucket (padded rows write to block 0 and are not read); the
-  forward, the sampling and the stop test run on the device into a static output buffer. On CUDA
-  each (bucket, width) is captured as a CUDA graph on first use and replayed
-  (`Sampling.cuda_graphs=False`: eager).
-- Sampling (sampling.py): temperature (0 = greedy), top-k, top-p; one uniform number per
-  (completion, step) from a counter-based hash of (seed, prompt index, sample index, step): a
-  completion is the same whatever the batch, bucket, cache budget or preemption.
-- `Sample.logprobs` are log-probs of the sampled tokens under softmax(logits / temperature)
-  (temperature 1 when greedy) before top-k/top-p filtering: the quantity the trainer recomputes.
-- The CPU runs another decode path, decode_cpu.py (a head-major cache read in segments: several
-  times faster there), behind the one switch CPU_DECODE; both share `Completions`.
+The engine, top to bottom: a queue of waiting completions; `admit` takes as many as the KV cache
+(kvcache.BlockPool: fixed-size blocks from one pool) has free blocks for, and prefills their
+prompts packed, a group's prompt once (its samples share its blocks); `step` gives every running
+completion one token; the host reads the step's tokens, log-probs and stop flags (its one read of
+the device) and `release`s the finished ones' blocks for the next `admit` (continuous batching).
+When a step needs more blocks than are free, the newest completions are preempted: they wait
+again, and are prefilled with what they had sampled.
+- The decode step (`Engine.decode`) reads its inputs (last tokens, positions, random-stream keys
+  and steps, block tables) from a static device buffer, filled by one copy from pinned memory;
+  rows are padded to a batch-size bucket (padded rows write to block 0, and are not read); the
+  forward, the sampling and the stop test write a static output buffer. On CUDA each (bucket,
+  width) is captured as a CUDA graph on first use, then replayed (`cuda_graphs=False`: eager).
+- Sampling (sampling.py): temperature (0 = greedy), top-k, top-p, by one uniform number per
+  (completion, step) from a counter-based hash of (seed, prompt, sample, step): a completion is
+  the same whatever the batch, bucket, cache budget or preemption. `Sample.logprobs` are under
+  softmax(logits / temperature) (1 when greedy) before filtering: what the trainer recomputes.
+- The CPU runs decode_cpu.py's path instead (a head-major cache read in segments: faster there,
+  bench/README.md), behind the one switch CPU_DECODE; both record into `Completions`.
 """
+import itertools
 import sys
 from dataclasses import dataclass
 
@@ -31,56 +28,17 @@ import torch
 from tqdm import tqdm
 
 import decode_cpu
-import model as M
 from kvcache import (BlockPool, PagedDecode, PagedPrefill, block_size, decode_kernel,
-                     pool_blocks)
-from sampling import completion_keys, sample_rows
+                     pool_blocks, to_device)
+# Sampling, Sample and stop_ids_for live in sampling.py; callers take them from here too
+from sampling import Sample, Sampling, completion_keys, sample_rows, stop_ids_for  # noqa: F401
 
 # Device types that run decode_cpu.py's path instead of the engine below
 CPU_DECODE = {"cpu"}
+# Where decode steps are captured as graphs, and the API that captures them (tests: a double)
+GRAPH_DEVICES, GRAPHS = {"cuda"}, torch.cuda
 # Batch-size buckets of a decode step (one CUDA graph each): the rows are padded to the next one
 BUCKETS = (1, 2, 4, 8) + tuple(range(16, 513, 16))
-
-
-@dataclass
-class Sampling:
-    """How to sample: n completions per prompt of at most max_new_tokens tokens, at temperature
-    (0 = greedy) with top-k / top-p filtering; `seed` keys the random streams; the KV cache holds
-    at most max_cache_tokens tokens (fewer concurrent sequences, the same samples); on CUDA
-    decode steps replay CUDA graphs unless cuda_graphs is False."""
-    n: int = 1
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    max_cache_tokens: int = 2**18
-    cuda_graphs: bool = True
-
-
-@dataclass
-class Sample:
-    prompt_idx: int
-    sample_idx: int
-    prompt_ids: list[int]
-    response_ids: list[int]  # the stop token included when one ended it
-    logprobs: list[float]  # sampler log-prob of each response token
-    finish_reason: str  # "stop" or "length"
-
-
-# ----------------------------------------------------------------------------- generate
-
-def stop_ids_for(model, tokenizer=None) -> list[int]:
-    """eos ids from generation_config / config, plus the tokenizer's eos and end-of-turn tokens."""
-    ids = []
-    for src in (model.generation_config, model.config.raw):
-        eos = src.get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [eos]
-    if tokenizer is not None:
-        ids.append(tokenizer.eos_token_id)
-        vocab = tokenizer.get_vocab()
-        ids += [vocab[t] for t in ("<|eot_id|>", "<|im_end|>", "<|eom_id|>") if t in vocab]
-    return sorted({i for i in ids if i is not None})
 
 
 def _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens):
@@ -95,8 +53,6 @@ def _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens):
     bad = [s for s in stop_ids if not 0 <= s < vocab]
     if bad:
         raise ValueError(f"stop ids {bad} are outside the vocabulary [0, {vocab})")
-
-
 
 
 class Completions:
@@ -181,7 +137,9 @@ class Row:
     table: list[int]
     length: int
     stream: int  # its random stream's key
+    order: int  # when it was admitted
     last: int | None = None
+    lane: int = -1  # its row in the decode step's buffers, once it decodes
 
 
 class Engine:
@@ -202,23 +160,28 @@ class Engine:
         blocks = pool_blocks(sampling.max_cache_tokens, len(book.tokens), longest, bs)
         self.pool = BlockPool(model.config, blocks, bs, device, embed.dtype)
         self.queue = [(p, list(range(sampling.n))) for p in range(len(prompts))]
-        self.rows: list[Row] = []  # running, in the order admitted
+        self.running: list[Row] = []  # decoding: running[i] is row i of the step's buffers
+        self.new: list[Row] = []  # admitted: the first token comes from their entry's logits
         self.entries: dict[object, Entry] = {}  # prompt index (or a preempted completion) -> entry
-        self.offset, self.preempted = prompt_offset, 0
+        self.offset, self.preempted, self.admitted = prompt_offset, 0, 0
         self.most = min(BUCKETS[-1], len(self.book.tokens))  # rows decoding at once
         cuda = device.type == "cuda"
         # The decode step's inputs, a row each: last token, position, stream key, step, blocks
+        # (a row's blocks written when it gains one or moves; the rest every step)
         self.host = torch.zeros(self.most, 4 + self.width, dtype=torch.long, pin_memory=cuda)
         self.inputs = torch.zeros_like(self.host, device=device)
         self.out = torch.zeros(self.most, 3, dtype=torch.float64, device=device)
         self.stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
-        self.graphs = {} if cuda and sampling.cuda_graphs else None
-        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
+        self.graphs = {} if device.type in GRAPH_DEVICES and sampling.cuda_graphs else None
+        self.graph_pool = GRAPHS.graph_pool_handle() if self.graphs is not None else None
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.running + self.new
 
     def growing(self) -> int:
         """Blocks the next decode step takes: one for each decoding row whose blocks are full."""
-        return sum(r.last is not None and r.length == len(r.table) * self.pool.block_size
-                   for r in self.rows)
+        return sum(r.length == len(r.table) * self.pool.block_size for r in self.running)
 
     def admit(self):
         """Waiting completions, in order, while the free blocks (less those the running rows take
@@ -226,7 +189,7 @@ class Engine:
         its last, partly filled block. New entries are prefilled in one packed forward."""
         pool, bs = self.pool, self.pool.block_size
         room, fresh, copies = len(pool.free) - self.growing(), [], []
-        while self.queue and len(self.rows) < self.most:
+        while self.queue and len(self.running) + len(self.new) < self.most:
             p, samples = self.queue[0]
             c = (p, samples[0])
             key = c if self.book.tokens[c] else p  # a preempted completion: an entry of its own
@@ -251,7 +214,8 @@ class Engine:
             entry.readers += 1
             stream = completion_keys(self.sampling.seed, torch.tensor([p + self.offset]),
                                      torch.tensor([c[1]]))
-            self.rows.append(Row(c, key, table, length, int(stream)))
+            self.new.append(Row(c, key, table, length, int(stream), self.admitted))
+            self.admitted += 1
         if fresh:
             self.prefill(fresh)
         if copies:
@@ -260,10 +224,14 @@ class Engine:
     def prefill(self, fresh):
         """One packed forward over the new entries' contexts, their k/v written to their blocks;
         each keeps the logits after it (its readers' first tokens)."""
-        ids, pos, cu, max_seqlen = M.pack([ctx for _, _, ctx in fresh], self.device)
+        contexts, dev = [ctx for _, _, ctx in fresh], self.device
+        lens = [len(ctx) for ctx in contexts]  # packed (no padding), as model.pack does
+        ids = to_device([t for ctx in contexts for t in ctx], dev)
+        pos = to_device([i for n in lens for i in range(n)], dev)
+        cu = to_device(list(itertools.accumulate(lens, initial=0)), dev, torch.int32)
         slots = [s for _, e, _ in fresh for s in self.pool.slots(e.blocks, 0, e.length)]
-        writes = PagedPrefill(self.pool, torch.tensor(slots, device=self.device), cu, max_seqlen)
-        logits = self.model(ids, pos, cu, max_seqlen, attention=writes, select=cu[1:].long() - 1)
+        writes = PagedPrefill(self.pool, to_device(slots, dev), cu, max(lens))
+        logits = self.model(ids, pos, cu, max(lens), attention=writes, select=cu[1:].long() - 1)
         for (_, entry, _), row in zip(fresh, logits):
             entry.logits = row.clone()  # (a view would keep the whole batch's logits)
 
@@ -272,21 +240,28 @@ class Engine:
         entry's logits sampled for the new ones. Returns the rows and (rows, 3) float64 on the
         device: token, log-prob, stop flag."""
         while self.growing() > len(self.pool.free):  # preempt the newest running row
-            victim = max((r for r in self.rows if r.last is not None), key=self.rows.index)
+            victim = max(self.running, key=lambda r: r.order)
             self.release(victim)
             self.queue.insert(0, (victim.completion[0], [victim.completion[1]]))
             self.preempted += 1
-        running = [r for r in self.rows if r.last is not None]
-        new = [r for r in self.rows if r.last is None]
-        parts = [self.decode(running)] if running else []
+        rows, new = self.running + self.new, self.new
+        parts = [self.decode(self.running)] if self.running else []
         if new:
             logits = torch.stack([self.entries[r.key].logits for r in new])
-            keys, steps = (torch.tensor(x, device=self.device) for x in
+            keys, steps = (to_device(x, self.device) for x in
                            ([r.stream for r in new], [len(self.book.tokens[r.completion])
                                                       for r in new]))
             parts.append(self.sample(logits, keys, steps))
-        self.rows = running + new  # (the order read)
-        return list(self.rows), torch.cat(parts) if len(parts) > 1 else parts[0]
+        for r in new:  # they decode from the next step on, in rows after the others
+            self.lane(r, len(self.running))
+            self.running.append(r)
+        self.new = []
+        return rows, torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def lane(self, row: Row, i: int):
+        """Row `row` of the decode buffers becomes row i: its blocks written there."""
+        row.lane = i
+        self.host[i, 4:] = torch.tensor(row.table + [0] * (self.width - len(row.table)))
 
     def sample(self, logits, keys, steps):
         s = self.sampling
@@ -299,14 +274,14 @@ class Engine:
         for r in rows:
             if r.length == len(r.table) * bs:
                 r.table += self.pool.take(1)
+                self.host[r.lane, 3 + len(r.table)] = r.table[-1]
         b = next(size for size in BUCKETS if size >= len(rows))
         width = self.width  # the paged kernels read a row's blocks only up to its length
         if self.kernel == "gather":  # it reads all `width` blocks: as few as the rows need
             need = max(len(r.table) for r in rows)
             width = min(self.width, 1 << (need - 1).bit_length())
-        host = [[r.last, r.length, r.stream, len(self.book.tokens[r.completion])] + r.table
-                + [0] * (self.width - len(r.table)) for r in rows]
-        self.host[:len(rows)] = torch.tensor(host)
+        self.host[:len(rows), :4] = torch.tensor([
+            [r.last, r.length, r.stream, len(self.book.tokens[r.completion])] for r in rows])
         self.host[len(rows):b] = 0  # padding rows: position 0 of block 0
         self.inputs[:b].copy_(self.host[:b], non_blocking=True)
         for r in rows:
@@ -329,20 +304,26 @@ class Engine:
     def replay(self, b: int, width: int):
         graph = self.graphs.get((b, width))
         if graph is None:  # warm up on a side stream (this step, for real), then capture
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            stream = GRAPHS.Stream()
+            stream.wait_stream(GRAPHS.current_stream())
+            with GRAPHS.stream(stream):
                 self.decode_step(b, width)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = self.graphs[(b, width)] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
+            GRAPHS.current_stream().wait_stream(stream)
+            graph = self.graphs[(b, width)] = GRAPHS.CUDAGraph()
+            with GRAPHS.graph(graph, pool=self.graph_pool):
                 self.decode_step(b, width)
         graph.replay()
 
     def release(self, row: Row):
         """A finished (or preempted) row's blocks back to the pool, and its entry's once no row
-        reads it."""
-        self.rows.remove(row)
+        reads it. The last decoding row moves into its row of the buffers."""
+        if row.lane >= 0:
+            last = self.running.pop()
+            if last is not row:
+                self.host[row.lane, 4:] = self.host[last.lane, 4:]
+                last.lane, self.running[row.lane] = row.lane, last
+        else:
+            self.new.remove(row)
         self.pool.drop(row.table)
         entry = self.entries[row.key]
         entry.readers -= 1

@@ -1,17 +1,60 @@
-"""Token sampling, as small pure functions: the sampler (rollout.py) calls `sample_tokens` once
-per decode step on the logits of every live row.
+"""Token sampling: what to sample (`Sampling`: n, length, temperature, top-k/p, seed, cache
+budget; the stop tokens, `stop_ids_for`), what comes back (`Sample`), and small pure functions
+that pick the tokens, which the sampler (rollout.py) calls once per decode step on every row.
 
 - Random streams: one uniform number per (completion, step) from a counter-based hash of (seed,
   prompt index, sample index, step) (`completion_keys`, `uniforms`): a completion's tokens are
-  the same whatever the batch, slot count or cache budget, with no per-row generator objects.
+  the same whatever the batch, bucket, cache budget or preemption, with no per-row generators.
 - `sample_rows`: a decode step's tokens, log-probs and stop flags in one tensor (one read).
 - `sample_tokens`: temperature (0 = greedy), top-k and top-p (`filter_logits`), then the token by
   inverse CDF (`inverse_cdf`: float64 sums without a float64 (B, V) cumsum). The log-prob it
   returns is the sampled token's under softmax(logits / temperature) (temperature 1 when
   greedy) before top-k/top-p filtering: the quantity the trainer recomputes.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class Sampling:
+    """How to sample: n completions per prompt of at most max_new_tokens tokens, at temperature
+    (0 = greedy) with top-k / top-p filtering; `seed` keys the random streams; the KV cache holds
+    at most max_cache_tokens tokens (fewer concurrent sequences, the same samples); on CUDA
+    decode steps replay CUDA graphs unless cuda_graphs is False."""
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    max_cache_tokens: int = 2**18
+    cuda_graphs: bool = True
+
+
+@dataclass
+class Sample:
+    prompt_idx: int
+    sample_idx: int
+    prompt_ids: list[int]
+    response_ids: list[int]  # the stop token included when one ended it
+    logprobs: list[float]  # sampler log-prob of each response token
+    finish_reason: str  # "stop" or "length"
+
+
+def stop_ids_for(model, tokenizer=None) -> list[int]:
+    """eos ids from generation_config / config, plus the tokenizer's eos and end-of-turn tokens."""
+    ids = []
+    for src in (model.generation_config, model.config.raw):
+        eos = src.get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos]
+    if tokenizer is not None:
+        ids.append(tokenizer.eos_token_id)
+        vocab = tokenizer.get_vocab()
+        ids += [vocab[t] for t in ("<|eot_id|>", "<|im_end|>", "<|eom_id|>") if t in vocab]
+    return sorted({i for i in ids if i is not None})
+
 
 MASK32 = 0xFFFFFFFF
 

@@ -12,6 +12,7 @@ rooflines, and where a mean decode step's time goes (one more medrl run, with ti
 
     OMP_NUM_THREADS=1 python bench/rollout.py [--prompts 32 --n 8 --new-tokens 64]
     OMP_NUM_THREADS=1 python bench/rollout.py --real [--configs 4x4,16x8 --reps 1]
+    (--paged times the paged engine, the GPU's, on the CPU: its prefill and decode are not split)
     (--rollout FILE times another rollout.py, e.g. an older copy, for a before/after; the
     kvcache.py, sampling.py and decode_cpu.py beside it, where there are, are the ones it uses)
 """
@@ -358,10 +359,15 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--copy-mb", type=int, default=256, help="bandwidth-probe copy size in MiB")
     p.add_argument("--skip-hf", action="store_true", help="time medrl only")
+    p.add_argument("--paged", action="store_true",
+                   help="time the paged engine (the GPU's, rollout.Engine) on the CPU instead of "
+                        "decode_cpu.py's path: total and generated tok/s only")
     args = p.parse_args()
     args.new_tokens = args.new_tokens or (128 if args.real else 64)
     torch.set_num_threads(args.threads)
     rollout = load_rollout(args.rollout) if args.rollout else R
+    if args.paged:
+        rollout.CPU_DECODE = set()
     if args.rollout:
         print(f"rollout under test: {os.path.abspath(args.rollout)}")
     (main_real if args.real else main_tiny)(args, rollout)

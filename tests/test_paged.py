@@ -159,3 +159,57 @@ def test_paged_kernels_through_their_doubles(llama, paged, monkeypatch, kernel):
     out = gen(llama, PROMPTS[:2], **kw)
     assert paged[-1].kernel == kernel and paged[-1].pool.block_size == 256
     same(ref, out)
+
+
+def test_cuda_graph_double_has_graph_semantics():
+    """Replay recomputes from the captured tensors' memory; Python values are frozen at capture;
+    a host sync inside capture raises."""
+    import cuda_graph_double as G
+    x, out, scale = torch.ones(3), torch.zeros(3), 2.0
+    g = G.CUDAGraph()
+    with G.graph(g):
+        out.copy_(x * scale + 1)
+    x.fill_(5.0)
+    scale = 10.0  # not seen by the replay
+    g.replay()
+    assert out.tolist() == [11.0] * 3
+    fresh = torch.full((3,), 7.0)  # a tensor made after capture is not what the graph reads
+    x = fresh
+    g.replay()
+    assert out.tolist() == [11.0] * 3
+    with pytest.raises(RuntimeError, match="host sync"):
+        with G.graph(G.CUDAGraph()):
+            (x * 2).sum().item()
+
+
+def test_decode_steps_replayed_from_graphs_equal_eager(llama, paged, monkeypatch):
+    """CUDA graphs (through the double) per (bucket, width), captured on first use and replayed:
+    the samples are exactly the eager steps', as rows finish and the bucket shrinks."""
+    import cuda_graph_double as G
+    kw = dict(n=3, max_new_tokens=9, temperature=1.0, seed=9, stop_ids=list(range(3, 300, 11)))
+    eager = gen(llama, PROMPTS, **kw)
+    monkeypatch.setattr(R, "GRAPH_DEVICES", {"cpu"})
+    monkeypatch.setattr(R, "GRAPHS", G)
+    monkeypatch.setattr(G, "captures", 0)
+    monkeypatch.setattr(G, "replays", 0)
+    steps = []
+    real = R.Engine.decode
+    monkeypatch.setattr(R.Engine, "decode", lambda self, rows: steps.append(len(rows))
+                        or real(self, rows))
+    graphed = gen(llama, PROMPTS, **kw)
+    same(eager, graphed, atol=0)
+    engine = paged[-1]
+    assert G.captures == len(engine.graphs) >= 2 and G.replays == len(steps)
+    assert len({b for b, _ in engine.graphs}) >= 2, "the bucket never changed"
+
+
+def test_bf16_paged_logprobs_near_training_logprobs(ckpts, paged):
+    """bf16 (the GPU's dtype) through the paged engine: the sampler's log-probs are the bf16
+    training forward's up to bf16 rounding, as on the CPU path."""
+    m = M.load_model(ckpts["llama"], dtype=torch.bfloat16).eval()
+    out = gen(m, PROMPTS, n=3, max_new_tokens=9, seed=5, stop_ids=[])
+    assert paged[-1].pool.k.dtype == torch.bfloat16
+    with torch.no_grad():
+        refs = training_logprobs(m, out)
+    for s, ref in zip(out, refs):
+        assert torch.allclose(torch.tensor(s.logprobs), ref.float(), atol=1e-2)

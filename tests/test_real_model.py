@@ -46,7 +46,15 @@ def test_real_logits_and_packed_logprobs_match_transformers(real):
     assert (logp - ref_logp).abs().max() < 1e-4
 
 
-def test_real_greedy_rollout_equals_transformers_generate(real):
+@pytest.fixture(params=["cpu path", "paged engine"])
+def engine(request, monkeypatch):
+    """Each sampler engine: decode_cpu.py's (the CPU default) and the paged one (the GPU's)."""
+    if request.param == "paged engine":
+        monkeypatch.setattr(R, "CPU_DECODE", set())
+    return request.param
+
+
+def test_real_greedy_rollout_equals_transformers_generate(real, engine):
     tok, stop = real["tok"], real["tok"].convert_tokens_to_ids("<|im_end|>")
     assert stop in R.stop_ids_for(real["model"], tok)
     out = R.generate(real["model"], real["prompts"], R.Sampling(max_new_tokens=24, temperature=0),
@@ -60,7 +68,7 @@ def test_real_greedy_rollout_equals_transformers_generate(real):
     assert out[-1].response_ids[-1] == stop
 
 
-def test_real_sampler_logprobs_match_a_fresh_forward(real):
+def test_real_sampler_logprobs_match_a_fresh_forward(real, engine):
     sampling = R.Sampling(n=2, max_new_tokens=16, temperature=0.7, seed=3)
     out = R.generate(real["model"], real["prompts"][:2], sampling, stop_ids=[], progress=False)
     seqs = [s.prompt_ids + s.response_ids for s in out]
