@@ -132,7 +132,8 @@ class PagedDecode:
     table: torch.Tensor  # (B, W) int32
     lens: torch.Tensor  # (B,) int32
     slots: torch.Tensor  # (B,) int64
-    cu_k: torch.Tensor | None = None  # (B+1,) int32, varlen's
+    cu_q: torch.Tensor | None = None  # (B+1,) int32, varlen's: a query per row
+    cu_k: torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
     @classmethod
@@ -144,6 +145,7 @@ class PagedDecode:
         step = cls(pool, kernel, table.int(), lens, slots)
         if kernel == "varlen":
             step.cu_k = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+            step.cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=lens.device)
         if kernel == "gather":
             width = torch.arange(table.shape[1] * bs, device=table.device)
             step.mask = torch.zeros(len(lens), 1, 1, len(width), device=table.device)
@@ -157,11 +159,9 @@ class PagedDecode:
             return M.FLASH.flash_attn_with_kvcache(q[:, None], kc, vc, cache_seqlens=self.lens,
                                                    block_table=self.table, causal=True)[:, 0]
         if self.kernel == "varlen":  # one query per row: causal or not, it sees all its keys
-            b, h = q.shape[:2]
-            cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device)
-            return M.VARLEN.varlen_attn(q, kc, vc, cu_q, self.cu_k, 1, self.mask_width(),
+            return M.VARLEN.varlen_attn(q, kc, vc, self.cu_q, self.cu_k, 1, self.mask_width(),
                                         seqused_k=self.lens, block_table=self.table,
-                                        enable_gqa=h != kc.shape[2])
+                                        enable_gqa=q.shape[1] != kc.shape[2])
         return gather_attention(q, kc, vc, self.table, self.mask)
 
     def mask_width(self) -> int:

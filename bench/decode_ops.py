@@ -5,7 +5,8 @@
 A decode step is the paged engine's (rollout.Engine.step: the forward of one new token per row,
 the sampling of the next tokens, and the host's read of them), run on the CPU. Counted in it:
 - kernels: every aten op that launches work on a GPU (views and other metadata-only ops are not),
-  with the attention kernel (flash-attn's or torch's, their doubles standing in) as one;
+  with the attention kernel (flash-attn's or torch's, their doubles standing in), the lm_head's
+  fp32-output matmul and RMSNorm (aten's fused kernel on CUDA) as one each;
 - host syncs: whatever makes the host wait for the GPU: reading device memory (.tolist(), .item(),
   bool(), .cpu()), a copy from host memory made while building a tensor on the device
   (torch.tensor(..., device=...)), and ops whose output size depends on device values (nonzero,
@@ -164,10 +165,13 @@ def count_step(layers: int, kernel: str) -> Counter:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (int(n),), generator=g).tolist()
                for n in torch.randint(5, 40, (8,), generator=g)]
-    saved = R.Engine.step, R.Engine.admit, R.CPU_DECODE, M.FLASH, M.VARLEN, M.logits_fp32
+    saved = (R.Engine.step, R.Engine.admit, R.CPU_DECODE, M.FLASH, M.VARLEN, M.logits_fp32,
+             M.F.rms_norm)
     R.Engine.step, R.Engine.admit, R.CPU_DECODE = step, admit, set()
     # the lm_head: one bf16 matmul into fp32 on CUDA; the CPU upcasts the weight instead
     M.logits_fp32 = fused("mm (fp32 out)", M.logits_fp32)
+    # RMSNorm: aten's fused kernel on CUDA (_fused_rms_norm); the CPU runs its decomposition
+    M.F.rms_norm = fused("_fused_rms_norm", M.F.rms_norm)
     flash_attn_double.flash_attn_with_kvcache = fused("flash_attn_with_kvcache", real_attn[0])
     varlen_attn_double.varlen_attn = fused("varlen_attn", real_attn[1])
     M.FLASH = flash_attn_double if kernel == "flash-attn" else None
@@ -177,7 +181,8 @@ def count_step(layers: int, kernel: str) -> Counter:
             R.generate(model, prompts, R.Sampling(n=4, max_new_tokens=STEP + 3, seed=0),
                        stop_ids=[], progress=False)
     finally:
-        R.Engine.step, R.Engine.admit, R.CPU_DECODE, M.FLASH, M.VARLEN, M.logits_fp32 = saved
+        (R.Engine.step, R.Engine.admit, R.CPU_DECODE, M.FLASH, M.VARLEN, M.logits_fp32,
+         M.F.rms_norm) = saved
         flash_attn_double.flash_attn_with_kvcache, varlen_attn_double.varlen_attn = real_attn
     return counter
 
