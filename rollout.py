@@ -310,7 +310,7 @@ class Engine:
                 self.decode_step(b, width)
             GRAPHS.current_stream().wait_stream(stream)
             graph = self.graphs[(b, width)] = GRAPHS.CUDAGraph()
-            with GRAPHS.graph(graph, pool=self.graph_pool):
+            with GRAPHS.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
                 self.decode_step(b, width)
         graph.replay()
 

@@ -40,9 +40,10 @@ it says otherwise):
  7. grpo: --grpo-steps GRPO steps of the 1B shape on the demo task through grpo.main (the process
     group of stage 5 reused), each phase's time and peak memory against memory.plan;
  8. throughput: sampling --rows prompts at once (64 and 256) x --new-tokens tokens through the
-    paged engine, CUDA graphs on and off, against transformers `generate` in the same run; the
-    decode steps against the bandwidth roofline (weight + KV bytes read per step over a measured
-    device copy) and the share its attention over the cache takes. CPU: the paged engine too.
+    paged engine at the 8B shape, CUDA graphs on and off, against transformers `generate` in the
+    same run; the decode steps against the bandwidth roofline (weight + KV bytes read per step
+    over a measured device copy) and the share its attention over the cache takes. CPU: the paged
+    engine too, at both tiny shapes.
 """
 import argparse
 import contextlib
@@ -1002,13 +1003,15 @@ def planned(ckpt, args, cuda: bool) -> dict:
 # ----------------------------------------------------------------------------- 8. throughput
 
 def throughput_stage(check: Check, out: dict):
-    """Sampling speed at each shape and --rows concurrent sequences, through the paged engine
-    with CUDA graphs and eager: medrl against transformers and against the roofline."""
-    for shape in check.shapes:
+    """Sampling speed at --rows concurrent sequences through the paged engine, CUDA graphs on
+    and off: medrl against transformers and against the roofline. CUDA: the 8B shape (the
+    recipe's); CPU: both tiny shapes."""
+    shapes = check.shapes[-1:] if check.cuda else check.shapes
+    for shape in shapes:
         attempt(out, shape, throughput_of_shape, shape, check)
         free_memory(check.device)
     rows = []
-    for shape in check.shapes:
+    for shape in shapes:
         for t in out[shape].values() if isinstance(out[shape], dict) else ():
             if isinstance(t, dict) and "rows" in t:
                 rows.append([shape, t["rows"], t.get("medrl_tok_s"), t.get("eager_tok_s"),
@@ -1033,24 +1036,23 @@ def throughput(ours, hf, cfg, device, rows: int, new_tokens: int) -> dict:
     """Sampling throughput of `rows` prompts sampled at once, medrl (the paged engine, CUDA
     graphs on and off) vs transformers, and medrl's decode steps vs the roofline."""
     prompts = random_prompts(rows, cfg.vocab_size, 64, 256, seed=3)
-    # medrl twice per setting, alternating with the same decode steps (exactly new_tokens each, so
+    # medrl twice per setting, then once with the same decode steps (exactly new_tokens each, so
     # the same rows) with attention over the cache skipped ("bare"): the difference is what
-    # attention costs a step. The faster run of each is kept; a step's time is the median step's
-    # (the first step of a bucket captures its graph).
+    # attention costs a step. The faster run is kept; a step's time is the median step's (the
+    # first step of a bucket and width captures its graph).
     result = dict(rows=rows, new_tokens=new_tokens)
     with paged_engine():
         R.generate(ours, prompts[:2], R.Sampling(max_new_tokens=4), stop_ids=[], progress=False)
         for graphs in (True, False):
             sampling = R.Sampling(max_new_tokens=new_tokens, temperature=1.0, cuda_graphs=graphs)
             runs = {contextlib.nullcontext: [], no_attention: []}  # (seconds, DecodeProbe) each
-            for _ in range(2):
-                for variant, runs_of in runs.items():
-                    with DecodeProbe() as probe, variant():
-                        sync(device)
-                        t = time.perf_counter()
-                        R.generate(ours, prompts, sampling, stop_ids=[], progress=False)
-                        sync(device)
-                        runs_of.append((time.perf_counter() - t, probe))
+            for variant in (contextlib.nullcontext, contextlib.nullcontext, no_attention):
+                with DecodeProbe() as probe, variant():
+                    sync(device)
+                    t = time.perf_counter()
+                    R.generate(ours, prompts, sampling, stop_ids=[], progress=False)
+                    sync(device)
+                    runs[variant].append((time.perf_counter() - t, probe))
             (seconds, decode), (_, bare) = (min(r, key=lambda run: run[0]) for r in runs.values())
             step_ms, bare_ms = decode.median_ms(), bare.median_ms()
             if graphs:

@@ -59,7 +59,7 @@ class _Capture(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def graph(cuda_graph: CUDAGraph, pool=None):
+def graph(cuda_graph: CUDAGraph, pool=None, stream=None, capture_error_mode="global"):
     global captures
     captures += 1
     with _Capture(cuda_graph):

@@ -213,3 +213,19 @@ def test_bf16_paged_logprobs_near_training_logprobs(ckpts, paged):
         refs = training_logprobs(m, out)
     for s, ref in zip(out, refs):
         assert torch.allclose(torch.tensor(s.logprobs), ref.float(), atol=1e-2)
+
+
+def test_paged_samples_do_not_depend_on_the_batching(llama, paged):
+    """A completion is the same whatever else is sampled with it: the whole batch at once, a
+    slice of it with its prompt offset (one rank of several), or a row or two at a time; another
+    seed gives other samples."""
+    kw = dict(n=2, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=11, stop_ids=[])
+    whole = gen(llama, PROMPTS, **kw)
+    halves = gen(llama, PROMPTS[:2], **kw) + gen(llama, PROMPTS[2:], prompt_offset=2, **kw)
+    for s in halves[4:]:
+        s.prompt_idx += 2
+    few = gen(llama, PROMPTS, max_cache_tokens=9 * 4, **kw)  # 8 blocks: one or two sequences
+    same(whole, halves)
+    same(whole, few)
+    other = gen(llama, PROMPTS, **dict(kw, seed=12))
+    assert [s.response_ids for s in other] != [s.response_ids for s in whole]
