@@ -140,6 +140,7 @@ class Row:
     order: int  # when it was admitted
     last: int | None = None
     lane: int = -1  # its row in the decode step's buffers, once it decodes
+    last_lane: int = -1  # the row its blocks were last written to
 
 
 class Engine:
@@ -252,16 +253,11 @@ class Engine:
                            ([r.stream for r in new], [len(self.book.tokens[r.completion])
                                                       for r in new]))
             parts.append(self.sample(logits, keys, steps))
-        for r in new:  # they decode from the next step on, in rows after the others
-            self.lane(r, len(self.running))
-            self.running.append(r)
+        for r in new:  # they decode from the next step on, in rows after the others (their
+            r.lane = len(self.running)  # blocks written by that step: the copy of this one's
+            self.running.append(r)  # inputs may still be reading the host buffer)
         self.new = []
         return rows, torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def lane(self, row: Row, i: int):
-        """Row `row` of the decode buffers becomes row i: its blocks written there."""
-        row.lane = i
-        self.host[i, 4:] = torch.tensor(row.table + [0] * (self.width - len(row.table)))
 
     def sample(self, logits, keys, steps):
         s = self.sampling
@@ -271,10 +267,15 @@ class Engine:
         """The rows' inputs into the static buffers (padded to the bucket), then the decode step,
         replayed from its CUDA graph where there is one. Returns its outputs (rows, 3)."""
         bs = self.pool.block_size
+        # The host buffer is written only from here to the copy below, and after the step's read
+        # (release): in between, the asynchronous copy may still read it.
         for r in rows:
             if r.length == len(r.table) * bs:
                 r.table += self.pool.take(1)
                 self.host[r.lane, 3 + len(r.table)] = r.table[-1]
+            if r.last_lane != r.lane:  # a new row, or moved: its blocks into its row
+                self.host[r.lane, 4:] = torch.tensor(r.table + [0] * (self.width - len(r.table)))
+                r.last_lane = r.lane
         b = next(size for size in BUCKETS if size >= len(rows))
         width = self.width  # the paged kernels read a row's blocks only up to its length
         if self.kernel == "gather":  # it reads all `width` blocks: as few as the rows need
@@ -319,8 +320,7 @@ class Engine:
         reads it. The last decoding row moves into its row of the buffers."""
         if row.lane >= 0:
             last = self.running.pop()
-            if last is not row:
-                self.host[row.lane, 4:] = self.host[last.lane, 4:]
+            if last is not row:  # (its blocks are written to its new row by the next step)
                 last.lane, self.running[row.lane] = row.lane, last
         else:
             self.new.remove(row)

@@ -229,3 +229,30 @@ def test_paged_samples_do_not_depend_on_the_batching(llama, paged):
     same(whole, few)
     other = gen(llama, PROMPTS, **dict(kw, seed=12))
     assert [s.response_ids for s in other] != [s.response_ids for s in whole]
+
+
+def test_host_buffer_unchanged_while_its_copy_may_be_in_flight(llama, paged, monkeypatch):
+    """On CUDA the step's inputs go to the device by an asynchronous copy from pinned memory,
+    which may read the host buffer until the step's results are read: nothing may write the rows
+    it copies (padding included) between the copy and that read. Checked with admissions joining
+    mid-run (their rows inside the previous bucket's padding) and rows finishing."""
+    copied, checked = {}, []
+    real_decode, real_step = R.Engine.decode, R.Engine.step
+
+    def decode(self, rows):
+        out = real_decode(self, rows)
+        b = next(size for size in R.BUCKETS if size >= len(rows))
+        copied["rows"] = self.host[:b].clone()  # what the copy read (nothing writes after it)
+        return out
+
+    def step(self):
+        copied.clear()
+        result = real_step(self)
+        if copied:  # generate reads the results next: the copy is done only then
+            checked.append(torch.equal(self.host[:len(copied["rows"])], copied["rows"]))
+        return result
+    monkeypatch.setattr(R.Engine, "decode", decode)
+    monkeypatch.setattr(R.Engine, "step", step)
+    gen(llama, PROMPTS, n=5, max_new_tokens=8, seed=1, stop_ids=list(range(3, 300, 7)),
+        max_cache_tokens=12 * 4)
+    assert len(checked) > 5 and all(checked), checked
