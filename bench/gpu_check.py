@@ -188,11 +188,19 @@ def attempt(out: dict, name: str, fn, *args):
     return out[name]
 
 
+def failed_checks(out: dict, where: str = "") -> list:
+    """(path, check) of every nested dict holding "error", at any depth."""
+    found = []
+    for k, v in out.items():
+        if isinstance(v, dict):
+            path = f"{where}.{k}" if where else k
+            found += [(path, v)] if "error" in v else failed_checks(v, path)
+    return found
+
+
 def mark_failed_checks(out: dict):
     """A stage with a failed check (a nested dict holding "error") is a failed stage."""
-    failed = [(k, v) for k, v in out.items() if isinstance(v, dict) and "error" in v]
-    failed += [(f"{k}.{k2}", v2) for k, v in out.items() if isinstance(v, dict)
-               for k2, v2 in v.items() if isinstance(v2, dict) and "error" in v2]
+    failed = failed_checks(out)
     if failed and "error" not in out:
         out["error"] = "; ".join(f"{k}: {v['error'][:300]}" for k, v in failed)
         out["traceback"] = failed[0][1]["traceback"]
@@ -573,6 +581,8 @@ def parity_of_shape(shape: str, check: Check) -> dict:
     ours, hf, cfg = random_pair(shape, check.device, check.dtype)
     res = parity(ours, hf, cfg, check.device)
     attempt(res, "greedy", greedy, ours, hf, cfg, check)
+    if check.cuda:  # the sampler's decode steps eager too (without CUDA graphs)
+        attempt(res, "greedy_eager", greedy, ours, hf, cfg, check, 16, False)
     return res
 
 
@@ -607,14 +617,14 @@ def parity(ours, hf, cfg, device) -> dict:
 
 
 @torch.no_grad()
-def greedy(ours, hf, cfg, check: Check, new_tokens: int = 16) -> dict:
+def greedy(ours, hf, cfg, check: Check, new_tokens: int = 16, graphs: bool = True) -> dict:
     """Greedy completions of 4 short prompts against transformers `generate`. Random-init models
     in bf16 have near-ties, so the two may part ways legitimately: where a completion first
     differs, the gap in transformers' logits between its top token and medrl's choice tells a tie
     (below GREEDY_TIE) from a bug. Also the top-1 minus top-2 margin there."""
     prompts = random_prompts(4, cfg.vocab_size, 5, 30, seed=2)
-    out = R.generate(ours, prompts, R.Sampling(max_new_tokens=new_tokens, temperature=0),
-                     stop_ids=[], progress=False)
+    out = R.generate(ours, prompts, R.Sampling(max_new_tokens=new_tokens, temperature=0,
+                                               cuda_graphs=graphs), stop_ids=[], progress=False)
     same = prefix = 0
     divergences = []
     for i, (p, s) in enumerate(zip(prompts, out)):
@@ -1033,44 +1043,71 @@ def throughput_of_shape(shape: str, check: Check) -> dict:
 
 
 def throughput(ours, hf, cfg, device, rows: int, new_tokens: int) -> dict:
-    """Sampling throughput of `rows` prompts sampled at once, medrl (the paged engine, CUDA
-    graphs on and off) vs transformers, and medrl's decode steps vs the roofline."""
+    """Sampling throughput of `rows` prompts sampled at once, medrl (the paged engine, eager and
+    with CUDA graphs, each attempted on its own) vs transformers, and medrl's decode steps vs the
+    roofline."""
     prompts = random_prompts(rows, cfg.vocab_size, 64, 256, seed=3)
-    # medrl twice per setting, then once with the same decode steps (exactly new_tokens each, so
-    # the same rows) with attention over the cache skipped ("bare"): the difference is what
-    # attention costs a step. The faster run is kept; a step's time is the median step's (the
-    # first step of a bucket and width captures its graph).
     result = dict(rows=rows, new_tokens=new_tokens)
     with paged_engine():
         R.generate(ours, prompts[:2], R.Sampling(max_new_tokens=4), stop_ids=[], progress=False)
-        for graphs in (True, False):
-            sampling = R.Sampling(max_new_tokens=new_tokens, temperature=1.0, cuda_graphs=graphs)
-            runs = {contextlib.nullcontext: [], no_attention: []}  # (seconds, DecodeProbe) each
-            for variant in (contextlib.nullcontext, contextlib.nullcontext, no_attention):
-                with DecodeProbe() as probe, variant():
-                    sync(device)
-                    t = time.perf_counter()
-                    R.generate(ours, prompts, sampling, stop_ids=[], progress=False)
-                    sync(device)
-                    runs[variant].append((time.perf_counter() - t, probe))
-            (seconds, decode), (_, bare) = (min(r, key=lambda run: run[0]) for r in runs.values())
-            step_ms, bare_ms = decode.median_ms(), bare.median_ms()
-            if graphs:
-                step_bytes = (weight_bytes(ours) + decode.kv_tokens / max(decode.steps, 1)
-                              * kv_bytes(cfg, ours))
-                roofline_ms = 1e3 * step_bytes / copy_bandwidth(device)
-                result.update(medrl_tok_s=rows * new_tokens / seconds, decode_steps=decode.steps,
-                              decode_step_ms=step_ms, decode_roofline_ms=roofline_ms,
-                              decode_roofline_fraction=roofline_ms / step_ms,
-                              decode_steps_without_attention=bare.steps,
-                              attention_fraction=(step_ms - bare_ms) / step_ms)
-            else:
-                result.update(eager_tok_s=rows * new_tokens / seconds, eager_step_ms=step_ms,
-                              eager_attention_fraction=(step_ms - bare_ms) / step_ms)
+        for mode in ("eager", "graphs"):
+            attempt(result, mode, engine_speed, ours, cfg, device, prompts, new_tokens,
+                    mode == "graphs")
     hf_s = hf_generate_seconds(hf, prompts, new_tokens, device)
-    result.update(transformers_tok_s=rows * new_tokens / hf_s,
-                  ratio=result["medrl_tok_s"] / (rows * new_tokens / hf_s))
+    result["transformers_tok_s"] = rows * new_tokens / hf_s
+    for mode, prefix in (("graphs", ""), ("eager", "eager_")):
+        if "error" not in result[mode]:  # flat keys for the table and the README
+            r = result[mode]
+            result.update({f"{prefix}tok_s" if prefix else "medrl_tok_s": r["tok_s"],
+                           f"{prefix}step_ms" if prefix else "decode_step_ms": r["step_ms"],
+                           f"{prefix}attention_fraction": r["attention_fraction"]})
+    if "medrl_tok_s" in result:
+        result["ratio"] = result["medrl_tok_s"] / result["transformers_tok_s"]
+        result.update({k: result["graphs"][k] for k in
+                       ("decode_steps", "decode_roofline_ms", "decode_roofline_fraction",
+                        "decode_steps_without_attention")})
     return result
+
+
+def engine_speed(ours, cfg, device, prompts, new_tokens: int, graphs: bool) -> dict:
+    """medrl twice, then once with the same decode steps (exactly new_tokens each, so the same
+    rows) with attention over the cache skipped ("bare"): the difference is what attention costs
+    a step. The faster run is kept; a step's time is the median step's (the first step of a
+    bucket and width captures its graph)."""
+    sampling = R.Sampling(max_new_tokens=new_tokens, temperature=1.0, cuda_graphs=graphs)
+    runs = {contextlib.nullcontext: [], no_attention: []}  # (seconds, DecodeProbe) each
+    doubled = graph_double if graphs and device.type != "cuda" else contextlib.nullcontext
+    for variant in (contextlib.nullcontext, contextlib.nullcontext, no_attention):
+        with DecodeProbe() as probe, variant(), doubled():
+            sync(device)
+            t = time.perf_counter()
+            R.generate(ours, prompts, sampling, stop_ids=[], progress=False)
+            sync(device)
+            runs[variant].append((time.perf_counter() - t, probe))
+    (seconds, decode), (_, bare) = (min(r, key=lambda run: run[0]) for r in runs.values())
+    step_ms, bare_ms = decode.median_ms(), bare.median_ms()
+    step_bytes = (weight_bytes(ours) + decode.kv_tokens / max(decode.steps, 1)
+                  * kv_bytes(cfg, ours))
+    roofline_ms = 1e3 * step_bytes / copy_bandwidth(device)
+    return dict(tok_s=len(prompts) * new_tokens / seconds, decode_steps=decode.steps,
+                step_ms=step_ms, decode_roofline_ms=roofline_ms,
+                decode_roofline_fraction=roofline_ms / step_ms,
+                decode_steps_without_attention=bare.steps,
+                attention_fraction=(step_ms - bare_ms) / step_ms)
+
+
+@contextlib.contextmanager
+def graph_double():
+    """CPU: decode steps captured and replayed through tests/cuda_graph_double.py (the CUDA
+    graph branch runs; its timings mean nothing there)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import cuda_graph_double
+    real = R.GRAPH_DEVICES, R.GRAPHS
+    R.GRAPH_DEVICES, R.GRAPHS = {"cpu"}, cuda_graph_double
+    try:
+        yield
+    finally:
+        R.GRAPH_DEVICES, R.GRAPHS = real
 
 
 @contextlib.contextmanager

@@ -183,3 +183,18 @@ def test_sync_sites_names_the_project_frame_and_step():
     summary = gc.summarise_syncs(sites, steps=3)
     assert summary["per_step"] == 1.0 and summary["by_phase"]["decode"] == 3
     assert summary["sites"] == [dict(where=sites[0][0], phase="decode", count=3)]
+
+
+def test_a_failed_check_at_any_depth_fails_its_stage():
+    """throughput nests shape -> rows -> mode: a mode's failure (the CUDA-graph runs, say) must
+    mark the stage failed, not pass unseen."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    out = {"llama-8b": {"decode_kernel": "gather", "rows_64": {
+        "eager": {"tok_s": 1.0}, "graphs": {"error": "RuntimeError: capture", "traceback": "tb"}}}}
+    gc.mark_failed_checks(out)
+    assert gc.status(out).startswith("FAILED: llama-8b.rows_64.graphs: RuntimeError: capture")
+    fine = {"tiny": {"rows_8": {"eager": {"tok_s": 1.0}}}}
+    gc.mark_failed_checks(fine)
+    assert gc.status(fine) == "ok"
