@@ -160,7 +160,7 @@ def plan(cfg: M.ModelConfig, args, world: int, cuda: bool, prompt_len: int,
                      4 * block))
     rows.append((f"KV cache: {kv_tokens:,} tokens", kv, 0.0, 0.0))
     # fp32 logits, scaled, softmax; float64 probabilities and their CDF; and at most one live
-    # prompt per slot has its prefill logits kept (its later samples start from them)
+    # prompt per row has its prefill logits kept (its later samples start from them)
     rows.append((f"decode logits and sampling: {slots} rows", slots * cfg.vocab_size * 32,
                  0.0, 0.0))
     # model.token_logprobs' backward: two (chunk, vocab) fp32 blocks, and with low-precision

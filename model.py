@@ -7,9 +7,10 @@ One forward serves every use:
     int32 and `max_seqlen`: no padding anywhere (training and scoring use this);
   - `targets=` turns the output into per-token log-probs (and entropy) computed in chunks, so no
     `[tokens, vocab]` float32 tensor exists; `select=` keeps only some rows' logits (prefill);
-  - `attention=` hands attention to a record's `attend(layer, q, k, v)`: kvcache.Prefill and
-    kvcache.Decode write k/v into the KV cache and attend over it; `SharedPrefix` lets a group's
-    responses attend to one packed copy of their prompt (training and scoring);
+  - `attention=` hands attention to a record's `attend(layer, q, k, v)`: the sampler's
+    (kvcache.PagedPrefill / PagedDecode, decode_cpu.Prefill / Decode) write k/v into its KV cache
+    and attend over it; `SharedPrefix` lets a group's responses attend to one packed copy of
+    their prompt (training and scoring);
   - a model built with a value head (PPO critic) returns one value per token instead.
 Attention over packed sequences (training, scoring, prefill), picked by `attention_backend`, the
 one switch: on CUDA in fp16/bf16, flash-attn's varlen kernel when the package imports, else torch's

@@ -71,7 +71,7 @@ def test_sampler_logprobs_equal_training_logprobs(llama, temperature):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_bf16_sampler_logprobs_near_training_logprobs(ckpts, n):
-    """bf16 head-major decode (a GPU without flash-attn), the prompt in each slot (n = 1) or
+    """bf16 head-major decode (the CPU path in bf16), the prompt in each slot (n = 1) or
     shared (n = 3): the sampler's log-probs are the bf16 training forward's up to bf16 rounding
     (measured 2e-3; fp32 agrees to 1e-6)."""
     m = M.load_model(ckpts["llama"], dtype=torch.bfloat16).eval()
