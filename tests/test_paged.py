@@ -1,8 +1,12 @@
 """The paged engine (rollout.Engine, kvcache.py), run on the CPU by emptying rollout.CPU_DECODE:
 exact greedy decoding, log-probs of a training forward, the CPU path's samples, shared prompt
 blocks, running out of blocks, bucket padding, and the paged kernels through their doubles."""
+import collections
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import kvcache
@@ -256,3 +260,63 @@ def test_host_buffer_unchanged_while_its_copy_may_be_in_flight(llama, paged, mon
     gen(llama, PROMPTS, n=5, max_new_tokens=8, seed=1, stop_ids=list(range(3, 300, 7)),
         max_cache_tokens=12 * 4)
     assert len(checked) > 5 and all(checked), checked
+
+
+def check_blocks(engine):
+    """The pool's books balance: a block's count is the entries and rows holding it, a free block
+    is held by none and listed once, and block 0 (padding rows') is never handed out."""
+    pool, held = engine.pool, collections.Counter()
+    for entry in engine.entries.values():
+        held.update(entry.blocks)
+        assert entry.readers == sum(engine.entries.get(r.key) is entry for r in engine.rows)
+    for row in engine.rows:
+        held.update(row.table)
+    assert all(pool.refs[b] == held[b] for b in range(len(pool.refs))), (pool.refs, held)
+    assert len(set(pool.free)) == len(pool.free) and not any(held[b] for b in pool.free)
+    assert 0 not in held and 0 not in pool.free
+    assert sorted(pool.free + list(held)) == list(range(1, len(pool.refs)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 4), prompts=st.lists(st.integers(1, 13), min_size=1, max_size=4),
+       spare=st.integers(0, 6), stop_every=st.integers(3, 40), seed=st.integers(0, 99))
+def test_block_books_balance_through_admission_sharing_and_preemption(
+        llama, n, prompts, spare, stop_every, seed):
+    """Random groups, prompt lengths, pools from one longest sequence (and block 0) up to 6
+    blocks more, and stop tokens: before every step and at the end the pool's counts match its
+    holders, and the samples are those of a pool that holds them all."""
+    run_books(llama, n, prompts, spare, stop_every, seed)
+
+
+def test_block_books_balance_when_blocks_run_out(llama):
+    """A workload of the test above that preempts rows (a pool of one longest sequence and one
+    block more, groups of four)."""
+    engines = run_books(llama, 4, [13, 9, 2, 11], 1, 300, 5)
+    assert engines[1].preempted > 0
+
+
+def run_books(llama, n, prompts, spare, stop_every, seed):
+    ids = [[(7 * i + 3 * j) % 300 + 1 for j in range(length)] for i, length in enumerate(prompts)]
+    kw = dict(n=n, max_new_tokens=10, seed=seed, stop_ids=list(range(3, 300, stop_every)))
+    longest = -(-(max(prompts) + 10) // 4)  # blocks of 4
+    engines, real_init, real_step = [], R.Engine.__init__, R.Engine.step
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        engines.append(self)
+
+    def step(self):
+        check_blocks(self)
+        return real_step(self)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R, "CPU_DECODE", set())
+        mp.setattr(kvcache, "GATHER_BLOCK", 4)
+        mp.setattr(R.Engine, "__init__", init)
+        mp.setattr(R.Engine, "step", step)
+        roomy = gen(llama, ids, **kw)
+        tight = gen(llama, ids, max_cache_tokens=(longest + 1 + spare) * 4, **kw)
+    for engine in engines:
+        check_blocks(engine)
+        assert not engine.rows and not engine.entries
+    same(roomy, tight)
+    return engines
