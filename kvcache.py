@@ -1,10 +1,12 @@
 """The sampler's paged KV cache and decode attention over it (the GPU's path; decode_cpu.py holds
 the CPU's).
 
-- BlockPool: k and v for every layer in fixed-size blocks of `block_size` tokens, `(layers,
-  blocks, block_size, Hkv, D)`, handed out one at a time as sequences grow, with a reference
-  count each so that a group's samples share the blocks of their prompt. Block 0 is never handed
-  out: padded rows of a decode step write there.
+- BlockPool: k and v for every layer in fixed-size blocks of `block_size` tokens, handed out one
+  at a time as sequences grow, with a reference count each so that a group's samples share the
+  blocks of their prompt. Block 0 is never handed out: padded rows of a decode step write there.
+  Token-major `(layers, blocks, block_size, Hkv, D)`, the paged kernels' layout; head-major
+  `(layers, Hkv, blocks, block_size, D)` for the gather kernel, whose gathered blocks are then
+  each KV head's keys for its batched matmuls as they come (no copy but the gather).
 - A sequence's `table` lists its blocks: position t lives in block table[t // block_size], at
   t % block_size ("slot" table[t // block_size] * block_size + t % block_size).
 - PagedPrefill: the record a packed prefill passes as `attention=`: every layer writes the
@@ -56,14 +58,18 @@ def to_device(values: list, device, dtype=torch.long) -> torch.Tensor:
 
 
 class BlockPool:
-    """k and v `(layers, blocks, block_size, Hkv, D)`; blocks handed out and shared by count."""
+    """k and v `(layers, blocks, block_size, Hkv, D)` (head_major: `(layers, Hkv, blocks,
+    block_size, D)`); blocks handed out and shared by count."""
 
-    def __init__(self, cfg: M.ModelConfig, blocks: int, block_size: int, device, dtype):
-        shape = (cfg.num_hidden_layers, blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    def __init__(self, cfg: M.ModelConfig, blocks: int, block_size: int, device, dtype,
+                 head_major: bool = False):
+        hkv, d = cfg.num_key_value_heads, cfg.head_dim
+        shape = ((cfg.num_hidden_layers, hkv, blocks, block_size, d) if head_major else
+                 (cfg.num_hidden_layers, blocks, block_size, hkv, d))
         # zeros: the gather path multiplies keys past a row's end by 0, which must meet no NaN
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.block_size = block_size
+        self.block_size, self.head_major = block_size, head_major
         self.free = list(range(blocks - 1, 0, -1))  # pop() hands out the lowest; 0: padding rows
         self.refs = [0] * blocks
 
@@ -91,8 +97,9 @@ class BlockPool:
     def copy(self, src: list[int], dst: list[int]):
         """Blocks dst get src's k/v, every layer at once."""
         s, d = (to_device(x, self.k.device) for x in (src, dst))
-        self.k[:, d] = self.k[:, s]
-        self.v[:, d] = self.v[:, s]
+        at = (slice(None),) * (2 if self.head_major else 1)  # the blocks dimension
+        self.k[at + (d,)] = self.k[at + (s,)]
+        self.v[at + (d,)] = self.v[at + (s,)]
 
     def slots(self, table: list[int], start: int, end: int) -> list[int]:
         """The slots of positions [start, end) of a sequence whose blocks are `table`."""
@@ -117,15 +124,19 @@ class PagedPrefill:
 def write(pool: BlockPool, layer: int, slots, k, v):
     """k, v (N, Hkv, D) into their slots (N,) of one layer."""
     hkv, d = k.shape[1:]
-    pool.k[layer].view(-1, hkv, d).index_copy_(0, slots, k)
-    pool.v[layer].view(-1, hkv, d).index_copy_(0, slots, v)
+    if pool.head_major:
+        pool.k[layer].view(hkv, -1, d).index_copy_(1, slots, k.transpose(0, 1))
+        pool.v[layer].view(hkv, -1, d).index_copy_(1, slots, v.transpose(0, 1))
+    else:
+        pool.k[layer].view(-1, hkv, d).index_copy_(0, slots, k)
+        pool.v[layer].view(-1, hkv, d).index_copy_(0, slots, v)
 
 
 @dataclass
 class PagedDecode:
     """One decode step's attention: row b's new token is at position lens[b] - 1 of the sequence
     whose blocks are table[b] (its k/v go to slots[b]), and attends to positions [0, lens[b]).
-    Built once per step from device tensors; `kernel` from decode_kernel, `mask` (B, 1, 1, W *
+    Built once per step from device tensors; `kernel` from decode_kernel, `mask` (B, W *
     block_size) float32 for the gather kernel (0 before a row's end, -inf past it)."""
     pool: BlockPool
     kernel: str
@@ -148,8 +159,8 @@ class PagedDecode:
             step.cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=lens.device)
         if kernel == "gather":
             width = torch.arange(table.shape[1] * bs, device=table.device)
-            step.mask = torch.zeros(len(lens), 1, 1, len(width), device=table.device)
-            step.mask.masked_fill_(width >= positions[:, None, None, None] + 1, float("-inf"))
+            step.mask = torch.zeros(len(lens), len(width), device=table.device)
+            step.mask.masked_fill_(width >= positions[:, None] + 1, float("-inf"))
         return step
 
     def attend(self, layer: int, q, k, v):  # q (B, H, D), k/v (B, Hkv, D)
@@ -169,13 +180,21 @@ class PagedDecode:
 
 
 def gather_attention(q, kc, vc, table, mask):
-    """Attention of q (B, H, D) over each row's blocks gathered from kc, vc (blocks, block_size,
-    Hkv, D): (B, W * block_size, Hkv, D) each; `mask` hides the positions past a row's end. The
-    g = H / Hkv query heads of a KV head are the rows of one matmul (K/V never repeated)."""
+    """Attention of q (B, H, D) over each row's blocks gathered from the head-major kc, vc (Hkv,
+    blocks, block_size, D): (Hkv, B, L, D) each, L = W * block_size, read as they come by batched
+    matmuls (K/V never repeated nor transposed; q and the output are the small copies); `mask`
+    (B, L) hides the positions past a row's end. The g = H / Hkv query heads of a KV head are the
+    rows of one matmul. Scores in float32: on CUDA straight from the bf16 products."""
     b, h, d = q.shape
-    hkv = kc.shape[2]
-    keys = kc[table].view(b, -1, hkv, d).permute(0, 2, 3, 1)  # (B, Hkv, D, L)
-    values = vc[table].view(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
-    scores = (q.view(b, hkv, h // hkv, d) * d ** -0.5) @ keys  # (B, Hkv, g, L)
-    probs = (scores.float() + mask).softmax(-1).to(q.dtype)  # softmax in float32 (as training)
-    return (probs @ values).view(b, h, d)
+    hkv = kc.shape[0]
+    g = h // hkv
+    keys = kc[:, table].view(hkv * b, -1, d)  # (Hkv * B, L, D)
+    values = vc[:, table].view(hkv * b, -1, d)
+    q = (q * d ** -0.5).view(b, hkv, g, d).transpose(0, 1).reshape(hkv * b, g, d)
+    if q.device.type in M.FP32_OUT_MATMUL and q.dtype != torch.float32:
+        scores = torch.bmm(q, keys.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(q, keys.transpose(1, 2)).float()  # (Hkv * B, g, L)
+    scores = scores.view(hkv, b, g, -1) + mask[None, :, None]
+    probs = scores.softmax(-1).to(values.dtype).view(hkv * b, g, -1)
+    return torch.bmm(probs, values).view(hkv, b, g, d).transpose(0, 1).reshape(b, h, d)

@@ -159,7 +159,8 @@ class Engine:
                              f"sequence of {longest} tokens (longest prompt + max_new_tokens) "
                              f"in blocks of {bs}, besides one block for padding")
         blocks = pool_blocks(sampling.max_cache_tokens, len(book.tokens), longest, bs)
-        self.pool = BlockPool(model.config, blocks, bs, device, embed.dtype)
+        self.pool = BlockPool(model.config, blocks, bs, device, embed.dtype,
+                              head_major=self.kernel == "gather")
         self.queue = [(p, list(range(sampling.n))) for p in range(len(prompts))]
         self.running: list[Row] = []  # decoding: running[i] is row i of the step's buffers
         self.new: list[Row] = []  # admitted: the first token comes from their entry's logits

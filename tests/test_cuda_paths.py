@@ -15,11 +15,14 @@ def ckpt(tmp_path_factory):
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama"), "llama", seed=1)
 
 
+BMM_CALLS = []
+
+
 @pytest.fixture
 def fp32_out_matmul(monkeypatch):
-    """CPU kernels of aten's mm.dtype and addmm.dtype_out (CUDA-only in torch): bf16 operands,
-    products and sums in fp32 as the GPU's tensor cores accumulate, an fp32 result; and model.py
-    told that the CPU has them, so its CUDA branch runs."""
+    """CPU kernels of aten's mm.dtype, addmm.dtype_out and bmm.dtype (CUDA-only in torch): bf16
+    operands, products and sums in fp32 as the GPU's tensor cores accumulate, an fp32 result;
+    and model.py told that the CPU has them, so its CUDA branch runs."""
     lib = torch.library.Library("aten", "IMPL")
 
     def mm(a, b, out_dtype):
@@ -29,8 +32,13 @@ def fp32_out_matmul(monkeypatch):
     def addmm_out(acc, a, b, out_dtype, *, beta=1, alpha=1, out):
         assert a.dtype == b.dtype == torch.bfloat16 and acc.dtype == out.dtype == out_dtype
         return out.copy_(beta * acc + alpha * (a.float() @ b.float()))
+    def bmm(a, b, out_dtype):
+        assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
+        BMM_CALLS.append(a.shape)
+        return a.float() @ b.float()
     lib.impl("mm.dtype", mm, "CPU")
     lib.impl("addmm.dtype_out", addmm_out, "CPU")
+    lib.impl("bmm.dtype", bmm, "CPU")
     monkeypatch.setattr(M, "FP32_OUT_MATMUL", {"cpu"})
     yield
     lib._destroy()
@@ -228,3 +236,26 @@ def test_plan_counts_repeated_kv_before_torch_2_12(ckpt, monkeypatch):
     micro = args.micro_tokens
     layers = cfg.num_hidden_layers
     assert kept["2.11"] - kept["2.12"] == pytest.approx(micro * layers * extra, rel=0.01)
+
+
+def test_gather_attention_scores_in_fp32_on_cuda(fp32_out_matmul):
+    """The paged engine's gather kernel (torch <= 2.11) in bf16: its scores come from bf16
+    products summed into fp32 (bmm's out_dtype on CUDA, through the double here), not rounded to
+    bf16; it matches fp32 attention over the same bf16 keys to bf16's output rounding."""
+    import kvcache
+    torch.manual_seed(0)
+    hkv, blocks, bs, d, b, h = 2, 9, 4, 16, 3, 6
+    kc, vc = (torch.randn(hkv, blocks, bs, d).bfloat16() for _ in "kv")
+    table = torch.tensor([[3, 1, 0], [2, 5, 7], [8, 0, 0]])
+    lens = torch.tensor([6, 12, 2])
+    mask = torch.zeros(b, 3 * bs).masked_fill_(torch.arange(3 * bs) >= lens[:, None], -torch.inf)
+    q = torch.randn(b, h, d).bfloat16()
+    BMM_CALLS.clear()
+    out = kvcache.gather_attention(q, kc, vc, table, mask)
+    assert len(BMM_CALLS) == 1 and out.dtype == torch.bfloat16
+    for i in range(b):  # row i: its blocks' first lens[i] keys, query head j on kv head j // 3
+        keys = kc[:, table[i]].reshape(hkv, -1, d)[:, :lens[i]].float()
+        values = vc[:, table[i]].reshape(hkv, -1, d)[:, :lens[i]].float()
+        qi = (q[i].float() * d ** -0.5).view(hkv, h // hkv, d)
+        ref = ((qi @ keys.transpose(1, 2)).softmax(-1) @ values).reshape(h, d)
+        assert torch.allclose(out[i].float(), ref, atol=2e-2), (out[i].float() - ref).abs().max()
