@@ -1,6 +1,6 @@
 """The CPU's decode path (rollout.CPU_DECODE picks it): slots of a head-major KV cache, read in
-segments. On one CPU thread it is several times faster than the paged engine's gathered blocks
-(bench/README.md); a GPU reader never needs this file.
+segments. On one CPU thread it samples 1.6x as fast as the paged engine, whose gather kernel
+copies each row's blocks (bench/README.md); a GPU reader never needs this file.
 
 - KVCache: preallocated k and v for `slots` sequences, head-major (keys D-major); with groups
   (n > 1) it holds each admitted prompt once, in an "entry" its slots share, and each slot only
