@@ -12,7 +12,8 @@ again, and are prefilled with what they had sampled.
   and steps, block tables) from a static device buffer, filled by one copy from pinned memory;
   rows are padded to a batch-size bucket (padded rows write to block 0, and are not read); the
   forward, the sampling and the stop test write a static output buffer. On CUDA each (bucket,
-  width) is captured as a CUDA graph on first use, then replayed (`cuda_graphs=False`: eager).
+  width) is captured as a CUDA graph on its second use, then replayed (`cuda_graphs=False`:
+  eager); graphs live for one generate call (the weights may move between calls).
 - Sampling (sampling.py): temperature (0 = greedy), top-k, top-p, by one uniform number per
   (completion, step) from a counter-based hash of (seed, prompt, sample, step): a completion is
   the same whatever the batch, bucket, cache budget or preemption. `Sample.logprobs` are under
@@ -175,6 +176,7 @@ class Engine:
         self.out = torch.zeros(self.most, 3, dtype=torch.float64, device=device)
         self.stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
         self.graphs = {} if device.type in GRAPH_DEVICES and sampling.cuda_graphs else None
+        self.seen = set()  # (bucket, width) run once, not captured yet
         self.graph_pool = GRAPHS.graph_pool_handle() if self.graphs is not None else None
 
     @property
@@ -304,7 +306,12 @@ class Engine:
         self.out[:b] = self.sample(logits, keys, steps)
 
     def replay(self, b: int, width: int):
+        """The step from its CUDA graph: captured on its second use (a bucket and width used
+        once, as rows finish or grow, is not worth a capture), then replayed."""
         graph = self.graphs.get((b, width))
+        if graph is None and (b, width) not in self.seen:
+            self.seen.add((b, width))
+            return self.decode_step(b, width)
         if graph is None:  # warm up on a side stream (this step, for real), then capture
             stream = GRAPHS.Stream()
             stream.wait_stream(GRAPHS.current_stream())
