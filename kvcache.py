@@ -43,8 +43,8 @@ def block_size(kernel: str) -> int:
 
 
 def pool_blocks(max_cache_tokens: int, sequences: int, longest: int, size: int) -> int:
-    """Blocks of the pool: `max_cache_tokens` of them, or fewer when `sequences` of `longest`
-    tokens all fit at once; and block 0 (padding rows')."""
+    """Blocks of the pool: as many as `max_cache_tokens` fill, or fewer when `sequences` of
+    `longest` tokens all fit at once (and block 0, padding rows')."""
     return min(max_cache_tokens // size, sequences * -(-longest // size) + 1)
 
 
