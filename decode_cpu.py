@@ -238,7 +238,7 @@ def _mask(outside, cache: KVCache):
 # ----------------------------------------------------------------------------- the CPU's engine
 
 def generate(model, prompts, sampling, stop_ids, prompt_offset: int, book):
-    """rollout.generate on the CPU: the completions of `book` (rollout.Completions) sampled
+    """rollout.generate on the CPU: the completions of `book` (sampling.Completions) sampled
     through slots of a head-major cache (see the module docstring)."""
     n, max_new_tokens = sampling.n, sampling.max_new_tokens
     prompt_len = max(len(p) for p in prompts)
@@ -291,7 +291,7 @@ class _Engine:
         self.free_entries = list(range(cache.slots))
         self.live = {}  # prompt -> its entry, while a slot reads it
         self.first_logits = {}  # prompt -> the logits after it (V,), while its entry lives
-        self.book = book  # rollout.Completions: every completion's tokens so far
+        self.book = book  # sampling.Completions: every completion's tokens so far
         self.tokens = book.tokens if book is not None else {}
         self.seed, self.prompt_offset = seed, prompt_offset
 

@@ -22,17 +22,16 @@ again, and are prefilled with what they had sampled.
   bench/README.md), behind the one switch CPU_DECODE; both record into `Completions`.
 """
 import itertools
-import sys
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import decode_cpu
 from kvcache import (BlockPool, PagedDecode, PagedPrefill, block_size, decode_kernel,
                      pool_blocks, to_device)
 # Sampling, Sample and stop_ids_for live in sampling.py; callers take them from here too
-from sampling import Sample, Sampling, completion_keys, sample_rows, stop_ids_for  # noqa: F401
+from sampling import (Completions, Sample, Sampling, check_inputs, completion_keys,  # noqa: F401
+                      sample_rows, stop_ids_for)
 
 # Device types that run decode_cpu.py's path instead of the engine below
 CPU_DECODE = {"cpu"}
@@ -40,54 +39,6 @@ CPU_DECODE = {"cpu"}
 GRAPH_DEVICES, GRAPHS = {"cuda"}, torch.cuda
 # Batch-size buckets of a decode step (one CUDA graph each): the rows are padded to the next one
 BUCKETS = (1, 2, 4, 8) + tuple(range(16, 513, 16))
-
-
-def _check_inputs(prompts, n, stop_ids, vocab, max_new_tokens):
-    if n < 1 or max_new_tokens < 1:
-        raise ValueError(f"n and max_new_tokens must be >= 1 (got n={n}, "
-                         f"max_new_tokens={max_new_tokens})")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty")
-        if min(p) < 0 or max(p) >= vocab:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
-    bad = [s for s in stop_ids if not 0 <= s < vocab]
-    if bad:
-        raise ValueError(f"stop ids {bad} are outside the vocabulary [0, {vocab})")
-
-
-class Completions:
-    """Every completion's tokens, log-probs and finish reason as they come, and the progress bar,
-    whichever decode path runs them."""
-
-    def __init__(self, prompts, n: int, max_new_tokens: int, progress: bool):
-        self.prompts, self.max_new_tokens = prompts, max_new_tokens
-        self.tokens = {(p, j): [] for p in range(len(prompts)) for j in range(n)}
-        self.logps = {c: [] for c in self.tokens}
-        self.done = {}  # completion -> finish reason
-        # Progress in tokens, so that the bar moves with every decode step (a long completion
-        # takes minutes on a CPU): the total is the most tokens the samples can take, less the
-        # budget a completion leaves unused when it stops. In a log file (stderr not a terminal)
-        # every redraw stays: there, at most one each 30 s.
-        self.bar = tqdm(total=len(self.tokens) * max_new_tokens, desc="generate", unit="tok",
-                        disable=not progress, leave=False,
-                        mininterval=0.1 if sys.stderr.isatty() else 30)
-
-    def add(self, c, token: int, logp: float, stop: bool) -> bool:
-        """Record a sampled token; True when it ends the completion."""
-        self.tokens[c].append(token)
-        self.logps[c].append(logp)
-        if not stop and len(self.tokens[c]) < self.max_new_tokens:
-            return False
-        self.done[c] = "stop" if stop else "length"
-        self.bar.total -= self.max_new_tokens - len(self.tokens[c])
-        self.bar.set_postfix_str(f"{len(self.done)}/{len(self.tokens)} done", refresh=False)
-        return True
-
-    def samples(self) -> list[Sample]:
-        self.bar.close()
-        return [Sample(p, j, list(self.prompts[p]), self.tokens[(p, j)], self.logps[(p, j)],
-                       self.done[(p, j)]) for p, j in self.tokens]
 
 
 @torch.no_grad()
@@ -98,7 +49,7 @@ def generate(model, prompts: list[list[int]], sampling: Sampling = Sampling(), *
     of several) draws exactly what a single caller with the whole batch would."""
     vocab = model.config.vocab_size
     stop_ids = sorted(set(stop_ids_for(model) if stop_ids is None else stop_ids))
-    _check_inputs(prompts, sampling.n, stop_ids, vocab, sampling.max_new_tokens)
+    check_inputs(prompts, sampling.n, stop_ids, vocab, sampling.max_new_tokens)
     book = Completions(prompts, sampling.n, sampling.max_new_tokens, progress)
     if model.model.embed_tokens.weight.device.type in CPU_DECODE:
         decode_cpu.generate(model, prompts, sampling, stop_ids, prompt_offset, book)

@@ -1,6 +1,7 @@
 """Token sampling: what to sample (`Sampling`: n, length, temperature, top-k/p, seed, cache
-budget; the stop tokens, `stop_ids_for`), what comes back (`Sample`), and small pure functions
-that pick the tokens, which the sampler (rollout.py) calls once per decode step on every row.
+budget; the stop tokens, `stop_ids_for`), what comes back (`Sample`, recorded token by token in
+`Completions` with the progress bar), and small pure functions that pick the tokens, which the
+sampler (rollout.py) calls once per decode step on every row.
 
 - Random streams: one uniform number per (completion, step) from a counter-based hash of (seed,
   prompt index, sample index, step) (`completion_keys`, `uniforms`): a completion's tokens are
@@ -11,10 +12,12 @@ that pick the tokens, which the sampler (rollout.py) calls once per decode step 
   returns is the sampled token's under softmax(logits / temperature) (temperature 1 when
   greedy) before top-k/top-p filtering: the quantity the trainer recomputes.
 """
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 @dataclass
@@ -54,6 +57,55 @@ def stop_ids_for(model, tokenizer=None) -> list[int]:
         vocab = tokenizer.get_vocab()
         ids += [vocab[t] for t in ("<|eot_id|>", "<|im_end|>", "<|eom_id|>") if t in vocab]
     return sorted({i for i in ids if i is not None})
+
+
+def check_inputs(prompts, n, stop_ids, vocab, max_new_tokens):
+    """What generate refuses, naming the prompt or the ids, before anything runs."""
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"n and max_new_tokens must be >= 1 (got n={n}, "
+                         f"max_new_tokens={max_new_tokens})")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
+    bad = [s for s in stop_ids if not 0 <= s < vocab]
+    if bad:
+        raise ValueError(f"stop ids {bad} are outside the vocabulary [0, {vocab})")
+
+
+class Completions:
+    """Every completion's tokens, log-probs and finish reason as they come, and the progress bar,
+    whichever decode path runs them."""
+
+    def __init__(self, prompts, n: int, max_new_tokens: int, progress: bool):
+        self.prompts, self.max_new_tokens = prompts, max_new_tokens
+        self.tokens = {(p, j): [] for p in range(len(prompts)) for j in range(n)}
+        self.logps = {c: [] for c in self.tokens}
+        self.done = {}  # completion -> finish reason
+        # Progress in tokens, so that the bar moves with every decode step (a long completion
+        # takes minutes on a CPU): the total is the most tokens the samples can take, less the
+        # budget a completion leaves unused when it stops. In a log file (stderr not a terminal)
+        # every redraw stays: there, at most one each 30 s.
+        self.bar = tqdm(total=len(self.tokens) * max_new_tokens, desc="generate", unit="tok",
+                        disable=not progress, leave=False,
+                        mininterval=0.1 if sys.stderr.isatty() else 30)
+
+    def add(self, c, token: int, logp: float, stop: bool) -> bool:
+        """Record a sampled token; True when it ends the completion."""
+        self.tokens[c].append(token)
+        self.logps[c].append(logp)
+        if not stop and len(self.tokens[c]) < self.max_new_tokens:
+            return False
+        self.done[c] = "stop" if stop else "length"
+        self.bar.total -= self.max_new_tokens - len(self.tokens[c])
+        self.bar.set_postfix_str(f"{len(self.done)}/{len(self.tokens)} done", refresh=False)
+        return True
+
+    def samples(self) -> list[Sample]:
+        self.bar.close()
+        return [Sample(p, j, list(self.prompts[p]), self.tokens[(p, j)], self.logps[(p, j)],
+                       self.done[(p, j)]) for p, j in self.tokens]
 
 
 MASK32 = 0xFFFFFFFF

@@ -14,6 +14,7 @@ import flags
 import model as M
 import reward
 import rollout
+import sampling
 import tiny
 from tiny import make_tiny_checkpoint, tiny_config
 
@@ -146,14 +147,14 @@ def tiny_model(tmp_path_factory):
 
 
 def test_the_generation_bar_moves_before_any_completion_finishes(tiny_model, monkeypatch):
-    monkeypatch.setattr(rollout, "tqdm", Bar)
-    prompts, sampling = [[5, 17, 33], [40, 41]], rollout.Sampling(n=2, max_new_tokens=6)
-    rollout.generate(tiny_model, prompts, sampling, stop_ids=[])  # every completion: 6 tokens
+    monkeypatch.setattr(sampling, "tqdm", Bar)  # (the bar of sampling.Completions)
+    prompts, how = [[5, 17, 33], [40, 41]], rollout.Sampling(n=2, max_new_tokens=6)
+    rollout.generate(tiny_model, prompts, how, stop_ids=[])  # every completion: 6 tokens
     first_done = next(i for i, e in enumerate(Bar.events) if e[0] == "done")
     assert [e for e in Bar.events[:first_done]] == [("update", 4)] * 5  # a token per slot a step
     assert Bar.events[-1] == ("close", 24, 24)
     # Completions that stop at once give back their unused budget: the bar still ends full.
-    rollout.generate(tiny_model, prompts, sampling,
+    rollout.generate(tiny_model, prompts, how,
                      stop_ids=list(range(tiny_model.config.vocab_size)))
     assert Bar.events[-1] == ("close", 4, 4)
 
