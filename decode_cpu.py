@@ -388,8 +388,7 @@ def _sample_step(engine: _Engine, slots, logits, stops, last, sampling):
     sidx = torch.tensor([c[1] for c in comps], device=engine.device)
     steps = torch.tensor([len(engine.tokens[c]) for c in comps], device=engine.device)
     keys = completion_keys(engine.seed, pidx + engine.prompt_offset, sidx)
-    out = sample_rows(logits, keys, steps, sampling.temperature, sampling.top_k, sampling.top_p,
-                      stops)
+    out = sample_rows(logits, keys, steps, sampling, stops)
     finished = []
     for s, c, (t, lp, stop) in zip(slots, comps, out.tolist()):  # the step's one host sync
         last[s] = int(t)

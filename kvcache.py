@@ -48,15 +48,6 @@ def pool_blocks(max_cache_tokens: int, sequences: int, longest: int, size: int) 
     return min(max_cache_tokens // size, sequences * -(-longest // size) + 1)
 
 
-def to_device(values: list, device, dtype=torch.long) -> torch.Tensor:
-    """Host numbers onto the device without stalling the host: on CUDA staged in pinned memory
-    and copied asynchronously (torch's pinned allocator keeps the stage until the copy is done)."""
-    t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 class BlockPool:
     """k and v `(layers, blocks, block_size, Hkv, D)` (head_major: `(layers, Hkv, blocks,
     block_size, D)`); blocks handed out and shared by count."""
@@ -96,7 +87,7 @@ class BlockPool:
 
     def copy(self, src: list[int], dst: list[int]):
         """Blocks dst get src's k/v, every layer at once."""
-        s, d = (to_device(x, self.k.device) for x in (src, dst))
+        s, d = (M.to_device(x, self.k.device) for x in (src, dst))
         at = (slice(None),) * (2 if self.head_major else 1)  # the blocks dimension
         self.k[at + (d,)] = self.k[at + (s,)]
         self.v[at + (d,)] = self.v[at + (s,)]

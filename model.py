@@ -21,6 +21,7 @@ trainer take every log-prob from the same unrounded numbers.
 """
 import functools
 import inspect
+import itertools
 import json
 import math
 import os
@@ -64,11 +65,6 @@ def _runs(kernel, device: str, dtype: torch.dtype) -> bool:
     if getattr(kernel, "IS_TEST_DOUBLE", False):
         return True
     return device == "cuda" and dtype in (torch.float16, torch.bfloat16)
-
-
-def use_flash(x: torch.Tensor) -> bool:
-    """Whether flash-attn runs the model (its KV-cache layout and decode kernel too)."""
-    return _runs(FLASH, x.device.type, x.dtype)
 
 
 def attention_backend(device: str, dtype: torch.dtype) -> str:
@@ -507,10 +503,19 @@ def token_logprobs(hidden, weight, targets, temperature: float = 1.0, entropy: b
 def pack(seqs: list[list[int]], device="cpu"):
     """Token lists -> (ids (N,), positions (N,), cu_seqlens (S+1,) int32, max_seqlen)."""
     lens = [len(s) for s in seqs]
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)
-    positions = torch.cat([torch.arange(n) for n in lens]).to(device)
-    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    ids = to_device([t for s in seqs for t in s], device)
+    positions = to_device([i for n in lens for i in range(n)], device)
+    cu = to_device(list(itertools.accumulate(lens, initial=0)), device, torch.int32)
     return ids, positions, cu, max(lens)
+
+
+def to_device(values: list, device, dtype=torch.long) -> torch.Tensor:
+    """Host numbers onto the device without stalling the host: on CUDA staged in pinned memory
+    and copied asynchronously (torch's pinned allocator keeps the stage until the copy is done)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- checkpoint I/O

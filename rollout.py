@@ -21,14 +21,13 @@ again, and are prefilled with what they had sampled.
 - The CPU runs decode_cpu.py's path instead (a head-major cache read in segments: faster there,
   bench/README.md), behind the one switch CPU_DECODE; both record into `Completions`.
 """
-import itertools
 from dataclasses import dataclass
 
 import torch
 
 import decode_cpu
-from kvcache import (BlockPool, PagedDecode, PagedPrefill, block_size, decode_kernel,
-                     pool_blocks, to_device)
+import model as M
+from kvcache import BlockPool, PagedDecode, PagedPrefill, block_size, decode_kernel, pool_blocks
 # Sampling, Sample and stop_ids_for live in sampling.py; callers take them from here too
 from sampling import (Completions, Sample, Sampling, check_inputs, completion_keys,  # noqa: F401
                       sample_rows, stop_ids_for)
@@ -179,14 +178,10 @@ class Engine:
     def prefill(self, fresh):
         """One packed forward over the new entries' contexts, their k/v written to their blocks;
         each keeps the logits after it (its readers' first tokens)."""
-        contexts, dev = [ctx for _, _, ctx in fresh], self.device
-        lens = [len(ctx) for ctx in contexts]  # packed (no padding), as model.pack does
-        ids = to_device([t for ctx in contexts for t in ctx], dev)
-        pos = to_device([i for n in lens for i in range(n)], dev)
-        cu = to_device(list(itertools.accumulate(lens, initial=0)), dev, torch.int32)
+        ids, pos, cu, max_seqlen = M.pack([ctx for _, _, ctx in fresh], self.device)
         slots = [s for _, e, _ in fresh for s in self.pool.slots(e.blocks, 0, e.length)]
-        writes = PagedPrefill(self.pool, to_device(slots, dev), cu, max(lens))
-        logits = self.model(ids, pos, cu, max(lens), attention=writes, select=cu[1:].long() - 1)
+        writes = PagedPrefill(self.pool, M.to_device(slots, self.device), cu, max_seqlen)
+        logits = self.model(ids, pos, cu, max_seqlen, attention=writes, select=cu[1:].long() - 1)
         for (_, entry, _), row in zip(fresh, logits):
             entry.logits = row.clone()  # (a view would keep the whole batch's logits)
 
@@ -203,19 +198,15 @@ class Engine:
         parts = [self.decode(self.running)] if self.running else []
         if new:
             logits = torch.stack([self.entries[r.key].logits for r in new])
-            keys, steps = (to_device(x, self.device) for x in
+            keys, steps = (M.to_device(x, self.device) for x in
                            ([r.stream for r in new], [len(self.book.tokens[r.completion])
                                                       for r in new]))
-            parts.append(self.sample(logits, keys, steps))
+            parts.append(sample_rows(logits, keys, steps, self.sampling, self.stops))
         for r in new:  # they decode from the next step on, in rows after the others (their
             r.lane = len(self.running)  # blocks written by that step: the copy of this one's
             self.running.append(r)  # inputs may still be reading the host buffer)
         self.new = []
         return rows, torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def sample(self, logits, keys, steps):
-        s = self.sampling
-        return sample_rows(logits, keys, steps, s.temperature, s.top_k, s.top_p, self.stops)
 
     def decode(self, rows: list[Row]):
         """The rows' inputs into the static buffers (padded to the bucket), then the decode step,
@@ -254,7 +245,7 @@ class Engine:
         ids, positions, keys, steps, table = x[:, 0], x[:, 1], x[:, 2], x[:, 3], x[:, 4:4 + width]
         attention = PagedDecode.build(self.pool, self.kernel, table, positions)
         logits = self.model(ids, positions, attention=attention)
-        self.out[:b] = self.sample(logits, keys, steps)
+        self.out[:b] = sample_rows(logits, keys, steps, self.sampling, self.stops)
 
     def replay(self, b: int, width: int):
         """The step from its CUDA graph: captured on its second use (a bucket and width used

@@ -166,11 +166,12 @@ def sample_tokens(logits, temperature: float, top_k: int, top_p: float, u: torch
     return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm
 
 
-def sample_rows(logits, keys, steps, temperature: float, top_k: int, top_p: float, stops):
-    """One decode step's sampling, all on the device: each row's token from its stream `keys`
-    (B,) at `steps` (B,), its log-prob, and whether it is one of `stops` (S,), as (B, 3) float64
-    (token ids are exact in float64): what the host reads, once."""
-    tokens, logps = sample_tokens(logits, temperature, top_k, top_p, uniforms(keys, steps))
+def sample_rows(logits, keys, steps, sampling: Sampling, stops):
+    """One decode step's sampling as `sampling` says, all on the device: each row's token from its
+    stream `keys` (B,) at `steps` (B,), its log-prob, and whether it is one of `stops` (S,), as
+    (B, 3) float64 (token ids are exact in float64): what the host reads, once."""
+    tokens, logps = sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                                  uniforms(keys, steps))
     stop = (tokens[:, None] == stops).any(-1)
     return torch.stack([tokens.double(), logps.double(), stop.double()], -1)
 

@@ -272,7 +272,8 @@ def test_shared_prompt_packing_equals_one_sequence_per_rollout(policy, backend, 
         monkeypatch.setattr(M, "FLASH", flash_attn_double)
     items = make_items(3, group_sizes=(4, 1, 3))
     shared = rl.pack(items, "cpu")
-    assert shared.attention is not None and M.use_flash(shared.ids.float()) == (backend == "flash")
+    used = M.attention_backend("cpu", torch.float32)
+    assert shared.attention is not None and (used == "flash-attn") == (backend == "flash")
     alone = [rl.pack([it], "cpu") for it in items]
     assert all(mb.attention is None for mb in alone)
     assert len(shared.ids) < sum(len(mb.ids) for mb in alone)

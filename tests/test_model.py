@@ -59,16 +59,16 @@ def test_flash_path_matches_sdpa(ckpts, monkeypatch):
     m = M.load_model(ckpts["llama"])
     ref = m(ids, pos, cu, mx)
     monkeypatch.setattr(M, "FLASH", flash_attn_double)
-    assert M.use_flash(ref)
+    assert M.attention_backend(ref.device.type, ref.dtype) == "flash-attn"
     out = m(ids, pos, cu, mx)
     assert (out - ref).abs().max().item() <= 1e-5
 
 
-def test_use_flash_needs_cuda_half_with_the_real_package(monkeypatch):
+def test_flash_attn_needs_cuda_half_with_the_real_package(monkeypatch):
     monkeypatch.setattr(M, "FLASH", object())  # a "real" flash_attn: no IS_TEST_DOUBLE
-    assert not M.use_flash(torch.zeros(2, dtype=torch.bfloat16))  # CPU tensor
+    assert M.attention_backend("cpu", torch.bfloat16) != "flash-attn"  # CPU tensor
     monkeypatch.setattr(M, "FLASH", None)
-    assert not M.use_flash(torch.zeros(2))
+    assert M.attention_backend("cpu", torch.float32) != "flash-attn"
 
 
 def test_old_and_new_rope_config_formats_agree(ckpts, tmp_path):

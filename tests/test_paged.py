@@ -32,14 +32,20 @@ def llama(ckpts):
 def paged(monkeypatch):
     """The paged engine on the CPU (its gather kernel), in blocks of 4 tokens; returns the
     engines built, to look into."""
-    monkeypatch.setattr(R, "CPU_DECODE", set())
-    monkeypatch.setattr(kvcache, "GATHER_BLOCK", 4)
+    return use_paged_engine(monkeypatch)
+
+
+def use_paged_engine(mp) -> list:
+    """Through `mp` (a MonkeyPatch): the paged engine on the CPU in blocks of 4 tokens, each
+    engine built appended to the list returned."""
+    mp.setattr(R, "CPU_DECODE", set())
+    mp.setattr(kvcache, "GATHER_BLOCK", 4)
     engines, real = [], R.Engine.__init__
 
     def record(self, *a, **k):
         real(self, *a, **k)
         engines.append(self)
-    monkeypatch.setattr(R.Engine, "__init__", record)
+    mp.setattr(R.Engine, "__init__", record)
     return engines
 
 
@@ -300,19 +306,13 @@ def run_books(llama, n, prompts, spare, stop_every, seed):
     ids = [[(7 * i + 3 * j) % 300 + 1 for j in range(length)] for i, length in enumerate(prompts)]
     kw = dict(n=n, max_new_tokens=10, seed=seed, stop_ids=list(range(3, 300, stop_every)))
     longest = -(-(max(prompts) + 10) // 4)  # blocks of 4
-    engines, real_init, real_step = [], R.Engine.__init__, R.Engine.step
-
-    def init(self, *a, **k):
-        real_init(self, *a, **k)
-        engines.append(self)
+    real_step = R.Engine.step
 
     def step(self):
         check_blocks(self)
         return real_step(self)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(R, "CPU_DECODE", set())
-        mp.setattr(kvcache, "GATHER_BLOCK", 4)
-        mp.setattr(R.Engine, "__init__", init)
+    with pytest.MonkeyPatch.context() as mp:  # (hypothesis: no function-scoped fixtures)
+        engines = use_paged_engine(mp)
         mp.setattr(R.Engine, "step", step)
         roomy = gen(llama, ids, **kw)
         tight = gen(llama, ids, max_cache_tokens=(longest + 1 + spare) * 4, **kw)
